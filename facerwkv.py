@@ -387,8 +387,9 @@ def token_shift(x):
 
 
 def lerp(x, x_prev, mix):
-    """Per channel, mix=1 keeps the current token, mix=0 takes the previous one."""
-    return x * mix + x_prev * (1 - mix)
+    """x * mix + x_prev * (1 - mix) per channel: mix=1 keeps the current token, mix=0 takes the
+    previous one. (One fused op: on the CPU the time-mix is bound by such elementwise passes.)"""
+    return torch.lerp(x_prev, x, mix)
 
 
 def init_linear_(linear, zero=False):
@@ -499,7 +500,7 @@ class ChannelMix(nn.Module):
 
     def mix(self, x, x_prev):
         # x, x_prev: (B, T, d) in parallel mode or (B, d) in RNN mode; mixes flattened to (d,) fit both
-        k = torch.relu(self.key(lerp(x, x_prev, self.time_mix_k.view(-1)))) ** 2  # (..., dim_ffn)
+        k = torch.relu(self.key(lerp(x, x_prev, self.time_mix_k.view(-1)))).square()  # (..., dim_ffn)
         r = self.receptance(lerp(x, x_prev, self.time_mix_r.view(-1)))           # (..., d)
         return torch.sigmoid(r) * self.value(k)
 

@@ -9,20 +9,28 @@ ResNet50 stem), the data (every format, splits, bad data, synthetic faces), and 
 recipe, checkpoints and resume, evaluation, prediction, plots, torchrun).
 """
 
-from dataclasses import asdict
+import contextlib
 import json
 import math
 import os
 import shutil
 import subprocess
+import sys
+import warnings
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from facerwkv import Block, FaceRWKV, FaceRWKVConfig
+import data
 import facerwkv
+import train
+from data import CLASSES, DataError, load_datasets
+from facerwkv import Block, FaceRWKV, FaceRWKVConfig
 
 
 # ----------------------------------------------------------------------------- the WKV operator
@@ -603,3 +611,577 @@ def test_config_errors(overrides, message):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset 'huge'; use one of"):
         FaceRWKVConfig.preset("huge")
+
+
+# ----------------------------------------------------------------------------- the data
+# each class gets a distinct solid colour, so a loaded image tells which label it must carry
+COLORS = [(200, 0, 0), (0, 200, 0), (0, 0, 200), (200, 200, 0), (200, 0, 200), (0, 200, 200), (90, 90, 90)]
+SIZE = (8, 12)  # (H, W) of loaded tensors in these tests
+
+
+def write_img(path, color, size=(12, 8), fmt=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", size, color).save(path, fmt)
+
+
+def color_of(x):
+    """Mean colour of a (3, H, W) tensor in [0,1], snapped to the nearest of COLORS (JPEG drifts)."""
+    mean = (x.mean(dim=(1, 2)) * 255).numpy()
+    return COLORS[int(np.argmin([np.abs(mean - np.array(c)).sum() for c in COLORS]))]
+
+
+def make_caer(root, n_train=10, n_test=3, angry=False):
+    for split, n in (("train", n_train), ("test", n_test)):
+        for y, c in enumerate(CLASSES):
+            folder = "Angry" if (angry and c == "Anger") else c
+            for i in range(n):
+                write_img(os.path.join(root, split, folder, f"{i:04d}.png"), COLORS[y])
+    return str(root)
+
+
+def make_rafdb(root, n_train=6, n_test=2):
+    raf = ["Surprise", "Fear", "Disgust", "Happy", "Sad", "Anger", "Neutral"]  # RAF labels 1..7
+    lines = []
+    for split, n in (("train", n_train), ("test", n_test)):
+        for lab in range(1, 8):
+            for i in range(n):
+                name = f"{split}_{lab}{i:04d}"
+                lines.append(f"{name}.jpg {lab}")
+                write_img(os.path.join(root, "Image", "aligned", f"{name}_aligned.jpg"),
+                          COLORS[CLASSES.index(raf[lab - 1])], size=(10, 10))
+    os.makedirs(os.path.join(root, "EmoLabel"))
+    with open(os.path.join(root, "EmoLabel", "list_patition_label.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return str(root)
+
+
+FER_NAMES = ["Anger", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral"]  # FER labels 0..6
+
+
+def fer_row(label, usage, value=None):
+    value = 30 * label + 10 if value is None else value  # grey level encodes the label
+    return f"{label},{' '.join([str(value)] * 2304)},{usage}"
+
+
+def make_fer(root, n=(5, 2, 2), extra_rows=()):
+    rows = ["emotion,pixels,Usage"]
+    for usage, k in zip(("Training", "PublicTest", "PrivateTest"), n):
+        rows += [fer_row(lab, usage) for lab in range(7) for _ in range(k)]
+    rows += list(extra_rows)
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, "fer2013.csv")
+    with open(path, "w") as f:
+        f.write("\n".join(rows) + "\n")
+    return str(root)
+
+
+def check_labels_by_color(ds, classes=CLASSES):
+    for i in range(len(ds)):
+        x, y = ds[i]
+        assert x.shape == (3,) + SIZE and x.dtype == torch.float32
+        assert color_of(x) == COLORS[y], f"item {i} labelled {classes[y]} has the wrong colour"
+
+
+# -----------------------------------------------------------------------------
+# formats
+
+def test_caer_loads_with_class_order_splits_and_summary(tmp_path):
+    root = make_caer(tmp_path / "caer", n_train=10, n_test=3)
+    s = load_datasets(root, img_size=SIZE)
+    assert s.info["format"] == "caer" and s.classes == CLASSES
+    assert s.counts() == {"train": [9] * 7, "val": [1] * 7, "test": [3] * 7}
+    for ds in (s.train, s.val, s.test):
+        check_labels_by_color(ds)
+    text = s.summary()
+    assert "caer" in text and root in text and "8x12" in text
+    for c in CLASSES:
+        assert c in text
+
+
+def test_caer_accepts_angry_and_ignores_stray_files(tmp_path):
+    root = make_caer(tmp_path / "caer", n_train=4, n_test=2, angry=True)
+    for junk in (".DS_Store", "Thumbs.db", "desktop.ini", "notes.txt", "._0000.png"):
+        (tmp_path / "caer" / "train" / "Angry" / junk).write_bytes(b"junk")
+    os.makedirs(tmp_path / "caer" / "train" / ".hidden")
+    s = load_datasets(root, img_size=SIZE)
+    assert s.info["format"] == "caer"
+    assert sum(s.counts()["train"]) + sum(s.counts()["val"]) == 28
+    check_labels_by_color(s.train)
+    assert s.info["ignored"] == 3  # Thumbs.db, desktop.ini, notes.txt; hidden files are not even counted
+
+
+def test_folder_tree_sorted_classes_same_map_every_split(tmp_path):
+    names = ["zebra", "apple", "mango"]
+    for split, n in (("train", 5), ("val", 2), ("test", 2)):
+        for c in names:
+            if split == "test" and c == "mango":
+                continue  # a split may lack a class; indices must not shift
+            for i in range(n):
+                write_img(str(tmp_path / split / c / f"{i}.jpg"), COLORS[sorted(names).index(c)])
+    s = load_datasets(str(tmp_path), img_size=SIZE)
+    assert s.info["format"] == "folder" and s.classes == ("apple", "mango", "zebra")
+    assert s.counts() == {"train": [5, 5, 5], "val": [2, 2, 2], "test": [2, 0, 2]}
+    for ds in (s.train, s.val, s.test):
+        check_labels_by_color(ds, s.classes)
+
+
+def test_flat_folder_tree_gets_stratified_val_and_test(tmp_path):
+    for y, c in enumerate(["b", "a"]):
+        for i in range(10):
+            write_img(str(tmp_path / c / f"{i}.png"), COLORS[1 - y])
+    s = load_datasets(str(tmp_path), img_size=SIZE)
+    assert s.classes == ("a", "b")
+    counts = s.counts()
+    assert counts["test"] == [2, 2] and counts["val"] == [1, 1] and counts["train"] == [7, 7]
+    paths = [set(ds.source.paths[i] for i in ds.indices) for ds in (s.train, s.val, s.test)]
+    assert not (paths[0] & paths[1]) and not (paths[0] & paths[2]) and not (paths[1] & paths[2])
+
+
+def test_rafdb_labels_mapped_to_class_order(tmp_path):
+    root = make_rafdb(tmp_path / "raf")
+    s = load_datasets(root, img_size=SIZE)
+    assert s.info["format"] == "rafdb" and s.classes == CLASSES
+    assert s.counts()["test"] == [2] * 7
+    for ds in (s.train, s.val, s.test):
+        check_labels_by_color(ds)
+
+
+def test_fer2013_usage_splits_grey_to_rgb_and_label_map(tmp_path):
+    root = make_fer(tmp_path)
+    for path in (root, os.path.join(root, "fer2013.csv")):
+        s = load_datasets(path, img_size=(48, 48))
+        assert s.info["format"] == "fer2013"
+        assert s.counts() == {"train": [5] * 7, "val": [2] * 7, "test": [2] * 7}
+        assert "own validation" in s.summary()
+        for ds in (s.train, s.val, s.test):
+            for i in range(len(ds)):
+                x, y = ds[i]
+                assert x.shape == (3, 48, 48)
+                assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
+                fer_label = FER_NAMES.index(CLASSES[y])
+                assert round(x[0, 0, 0].item() * 255) == 30 * fer_label + 10
+
+
+def test_explicit_format_wins(tmp_path):
+    root = make_caer(tmp_path / "caer", n_train=3, n_test=1)
+    s = load_datasets(root, fmt="folder", img_size=SIZE)
+    assert s.info["format"] == "folder" and s.classes == tuple(sorted(CLASSES))
+    with pytest.raises(DataError, match="unknown dataset format"):
+        load_datasets(root, fmt="imagenet")
+
+
+# -----------------------------------------------------------------------------
+# splits and sanity subset
+
+def test_stratified_split_properties():
+    labels = [0] * 50 + [1] * 30 + [2] * 20
+    keep, held = data.stratified_split(labels, 0.1, seed=3)
+    assert set(keep).isdisjoint(held) and sorted(keep + held) == list(range(100))
+    assert np.bincount(np.array(labels)[held]).tolist() == [5, 3, 2]
+    assert data.stratified_split(labels, 0.1, seed=3) == (keep, held)
+    assert data.stratified_split(labels, 0.1, seed=4)[1] != held
+
+
+def test_val_is_moved_out_of_train_and_seeded(tmp_path):
+    root = make_caer(tmp_path / "caer", n_train=20, n_test=1)
+    a, b, c = (load_datasets(root, img_size=SIZE, seed=s) for s in (0, 0, 1))
+    assert set(a.train.indices).isdisjoint(a.val.indices)
+    assert len(a.train) + len(a.val) == 140 and a.counts()["val"] == [2] * 7
+    assert a.val.indices == b.val.indices and a.val.indices != c.val.indices
+
+
+def test_sanity_subset(tmp_path):
+    root = make_caer(tmp_path / "caer", n_train=6, n_test=2)
+    s = load_datasets(root, img_size=SIZE, sanity_per_class=2)
+    assert s.counts() == {"train": [2] * 7, "val": [2] * 7, "test": [2] * 7}
+    assert s.train.indices == s.test.indices == load_datasets(root, img_size=SIZE, sanity_per_class=2).train.indices
+    check_labels_by_color(s.train)
+
+
+# -----------------------------------------------------------------------------
+# bad data
+
+def test_missing_root_and_split(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_datasets(str(tmp_path / "nope"))
+    root = make_caer(tmp_path / "caer", n_train=2, n_test=1)
+    for c in CLASSES:
+        for f in os.listdir(tmp_path / "caer" / "test" / c):
+            os.remove(tmp_path / "caer" / "test" / c / f)
+        os.rmdir(tmp_path / "caer" / "test" / c)
+    os.rmdir(tmp_path / "caer" / "test")
+    with pytest.raises(DataError, match="test"):
+        load_datasets(root, fmt="caer", img_size=SIZE)
+
+
+def test_empty_class_folder(tmp_path):
+    root = make_caer(tmp_path / "caer", n_train=2, n_test=1)
+    for f in os.listdir(tmp_path / "caer" / "train" / "Fear"):
+        os.remove(tmp_path / "caer" / "train" / "Fear" / f)
+    with pytest.raises(DataError, match="Fear.*no readable images"):
+        load_datasets(root, img_size=SIZE)
+
+
+def test_unknown_class_folder_lists_expected_names(tmp_path):
+    root = make_caer(tmp_path / "caer", n_train=2, n_test=1)
+    os.rename(tmp_path / "caer" / "train" / "Sad", tmp_path / "caer" / "train" / "Sadd")
+    with pytest.raises(DataError) as e:
+        load_datasets(root, img_size=SIZE)  # auto-detected as CAER-S (6 of 7 names match)
+    assert "Sadd" in str(e.value) and all(c in str(e.value) for c in CLASSES)
+
+
+def test_non_image_file_named_or_skipped(tmp_path):
+    root = make_caer(tmp_path / "caer", n_train=3, n_test=1)
+    bad = tmp_path / "caer" / "train" / "Happy" / "broken.png"
+    bad.write_bytes(b"this is not a png")
+    with pytest.raises(DataError, match="broken.png"):
+        load_datasets(root, img_size=SIZE)
+    s = load_datasets(root, img_size=SIZE, skip_bad_images=True)
+    assert len(s.info["skipped"]) == 1 and "broken.png" in s.summary()
+    assert sum(s.counts()["train"]) + sum(s.counts()["val"]) == 21
+
+
+def test_truncated_file_named_at_read_or_skipped(tmp_path):
+    root = make_caer(tmp_path / "caer", n_train=3, n_test=1)
+    path = tmp_path / "caer" / "test" / "Sad" / "0000.png"
+    noise = np.random.default_rng(0).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path)
+    path.write_bytes(path.read_bytes()[:2000])  # header intact, pixel data cut
+    s = load_datasets(root, img_size=SIZE)
+    k = [s.test.source.paths[i] for i in s.test.indices].index(str(path))
+    with pytest.raises(DataError, match="0000.png"):
+        s.test[k]
+    s = load_datasets(root, img_size=SIZE, skip_bad_images=True)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        x, y = s.test[k]  # replaced by the next readable image, with its own label
+    assert color_of(x) == COLORS[y] and s.test.runtime_skipped == [str(path)]
+    assert "1 while reading" in s.summary()
+
+
+def test_file_vanishing_mid_epoch(tmp_path):
+    root = make_caer(tmp_path / "caer", n_train=3, n_test=1)
+    s = load_datasets(root, img_size=SIZE)
+    s_skip = load_datasets(root, img_size=SIZE, skip_bad_images=True)
+    victim = s.train.source.paths[s.train.indices[0]]
+    os.remove(victim)
+    with pytest.raises(DataError, match=os.path.basename(victim) + ".*vanished|vanished.*" + victim):
+        s.train[0]
+    loader = torch.utils.data.DataLoader(s.train, batch_size=4, num_workers=1)
+    with pytest.raises(DataError, match="vanished"):  # the worker's error reaches the main process as DataError
+        list(loader)
+    s = s_skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert len([x for x, _ in s.train]) == len(s.train)
+    assert s.train.runtime_skipped == [victim] and any(victim in str(w.message) for w in caught)
+
+
+def test_rafdb_malformed_line_and_label_out_of_range(tmp_path):
+    root = make_rafdb(tmp_path / "raf", n_train=3, n_test=1)
+    label_file = os.path.join(root, "EmoLabel", "list_patition_label.txt")
+    good = open(label_file).read()
+    with open(label_file, "w") as f:
+        f.write(good + "train_09999.jpg\n")
+    with pytest.raises(DataError, match="line 29"):
+        load_datasets(root, img_size=SIZE)
+    with open(label_file, "w") as f:
+        f.write(good + "train_09999.jpg 9\n")
+    with pytest.raises(DataError, match="line 29.*out of range"):
+        load_datasets(root, img_size=SIZE)
+    s = load_datasets(root, img_size=SIZE, skip_bad_images=True)
+    assert len(s.info["skipped"]) == 1
+
+
+def test_fer2013_bad_rows_named_by_line(tmp_path):
+    cases = [(fer_row(9, "Training"), "out of range"), ("3,1 2 3,Training", "2304"),
+             ("x," + " ".join(["1"] * 2304) + ",Training", "malformed"), (fer_row(1, "Other"), "Usage"),
+             (fer_row(1, "Training", value=300), "0..255")]
+    for row, msg in cases:
+        root = make_fer(tmp_path / msg, extra_rows=[row])
+        with pytest.raises(DataError, match=f"line 65.*{msg}"):
+            load_datasets(root, img_size=(48, 48))
+        s = load_datasets(root, img_size=(48, 48), skip_bad_images=True)
+        assert len(s.info["skipped"]) == 1 and sum(s.counts()["train"]) == 35
+
+
+def test_bad_img_size_and_val_fraction():
+    with pytest.raises(DataError, match="img_size"):
+        load_datasets(None, img_size=(0, 10))
+    with pytest.raises(DataError, match="val_fraction"):
+        load_datasets(None, val_fraction=1.5)
+
+
+# -----------------------------------------------------------------------------
+# transforms and mode conversion
+
+def test_mode_conversions_to_rgb():
+    rgb = data.to_rgb
+    assert rgb(Image.new("L", (2, 2), 77)).getpixel((0, 0)) == (77, 77, 77)
+    assert rgb(Image.new("1", (2, 2), 1)).getpixel((0, 0)) == (255, 255, 255)
+    assert rgb(Image.new("LA", (2, 2), (0, 0))).getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+    assert rgb(Image.new("RGBA", (2, 2), (10, 20, 30, 255))).getpixel((0, 0)) == (10, 20, 30)
+    pal = Image.new("P", (2, 2), 0)
+    pal.putpalette([5, 6, 7] * 256)
+    assert rgb(pal).getpixel((0, 0)) == (5, 6, 7)
+    pal.info["transparency"] = 0
+    assert rgb(pal).getpixel((0, 0)) == (255, 255, 255)
+    assert rgb(Image.new("CMYK", (2, 2), (0, 0, 0, 0))).getpixel((0, 0)) == (255, 255, 255)
+    i16 = Image.fromarray(np.array([[0, 128 * 257], [65535, 257]], dtype=np.uint16))
+    assert np.asarray(rgb(i16))[..., 0].tolist() == [[0, 128], [255, 1]]
+    i32 = Image.fromarray(np.array([[0, 200]], dtype=np.int32))
+    assert np.asarray(rgb(i32))[..., 0].tolist() == [[0, 200]]
+    f01 = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32))
+    assert np.asarray(rgb(f01))[..., 0].tolist() == [[0, 128, 255]]
+    assert (i16.mode, i32.mode, f01.mode) == ("I;16", "I", "F")
+    for im in (i16, i32, f01, pal):
+        assert rgb(im).mode == "RGB"
+
+
+def test_transform_resize_range_normalize_and_flip():
+    img = Image.fromarray(np.linspace(0, 255, 6 * 9 * 3).reshape(6, 9, 3).astype(np.uint8))
+    x = data.ImageTransform((8, 12))(img)
+    assert x.shape == (3, 8, 12) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    xn = data.ImageTransform((8, 12), normalize=True)(img)
+    mean, std = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    assert torch.allclose(xn, (x - mean) / std)
+    torch.manual_seed(0)
+    flips = [data.ImageTransform((8, 12), hflip=True)(img) for _ in range(20)]
+    assert all(torch.equal(f, x) or torch.equal(f, x.flip(-1)) for f in flips)
+    assert any(torch.equal(f, x.flip(-1)) for f in flips) and any(torch.equal(f, x) for f in flips)
+
+
+def test_load_image_for_predict(tmp_path):
+    path = str(tmp_path / "face.gif")
+    Image.new("P", (30, 20), 3).save(path)
+    x = data.load_image(path, (8, 12))
+    assert x.shape == (3, 8, 12)
+    with pytest.raises(DataError, match="missing.png"):
+        data.load_image(str(tmp_path / "missing.png"), (8, 12))
+
+
+# -----------------------------------------------------------------------------
+# synthetic faces
+
+def test_synthetic_deterministic_and_varied():
+    s1 = load_datasets(None, img_size=(24, 36), synthetic_size=(3, 2), seed=5)
+    s2 = load_datasets(None, img_size=(24, 36), synthetic_size=(3, 2), seed=5)
+    s3 = load_datasets(None, img_size=(24, 36), synthetic_size=(3, 2), seed=6)
+    assert s1.info["format"] == "synthetic" and s1.classes == CLASSES
+    x1, y1 = s1.test[4]
+    assert x1.shape == (3, 24, 36) and 0 <= x1.min() and x1.max() <= 1
+    assert torch.equal(x1, s2.test[4][0]) and y1 == s2.test[4][1]
+    assert torch.equal(x1, s1.test[4][0]) and 4 in s1.test.source.cache  # the cached copy is identical
+    assert not torch.equal(x1, s1.test[5][0]) and not torch.equal(x1, s3.test[4][0])
+    assert s1.counts()["test"] == [2] * 7 and sum(s1.counts()["train"]) + sum(s1.counts()["val"]) == 21
+    img_a, _ = data.synthetic_face(5, "train", 0, (24, 36))
+    img_b, _ = data.synthetic_face(5, "test", 0, (24, 36))
+    assert np.asarray(img_a).tobytes() != np.asarray(img_b).tobytes()  # splits are different streams
+
+
+def test_synthetic_any_resolution():
+    for size in ((17, 23), (64, 40), (200, 300)):
+        img, label = data.synthetic_face(0, "train", 3, size)
+        assert img.size == (size[1], size[0]) and img.mode == "RGB" and label == 3
+
+
+def test_export_synthetic_roundtrip(tmp_path):
+    out = data.export_synthetic(str(tmp_path / "synth"), train_per_class=3, test_per_class=1, img_size=(24, 36), seed=2)
+    s = load_datasets(out, img_size=(24, 36), val_fraction=0.0)
+    assert s.info["format"] == "caer" and s.counts()["train"] == [3] * 7 and s.counts()["test"] == [1] * 7
+    for k in range(len(s.test)):
+        x, y = s.test[k]
+        index = int(os.path.basename(s.test.source.paths[s.test.indices[k]])[:-4])
+        img, label = data.synthetic_face(2, "test", index, (24, 36))
+        assert y == label
+        assert torch.equal(x, data.ImageTransform((24, 36))(img))
+
+
+def test_dataloader_with_workers(tmp_path):
+    root = make_caer(tmp_path / "caer", n_train=4, n_test=2)
+    for s in (load_datasets(root, img_size=SIZE), load_datasets(None, img_size=(16, 24), synthetic_size=(2, 2))):
+        loader = torch.utils.data.DataLoader(s.test, batch_size=4, num_workers=2)
+        xs, ys = zip(*loader)
+        assert torch.cat(xs).shape == (14, 3) + tuple(s.info["img_size"])
+        assert torch.cat(ys).tolist() == s.test.labels
+
+
+# ----------------------------------------------------------------------------- train.py
+HERE = Path(__file__).resolve().parent
+# 7 classes x 4 train / 2 test faces of 32x48, 24 tokens, d=16: a step takes milliseconds
+TINY_ARGS = ["--img-size", "32", "48", "--patch-size", "8", "--n-layer", "1", "--n-embd", "16",
+        "--synthetic-size", "4", "2", "--batch-size", "8", "--workers", "0", "--log-every", "1"]
+
+
+def run(tmp, name, *extra):
+    return train.main([*TINY_ARGS, "--out", str(tmp), "--name", name, *extra])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    return run(out, "tiny", "--epochs", "2")
+
+
+def test_tiny_run_end_to_end(tiny_run):
+    run_dir = Path(tiny_run["run_dir"])
+    for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "test_metrics.json", "confusion.csv",
+                 "summary.json"):
+        assert (run_dir / name).is_file(), name
+    assert 0.0 <= tiny_run["test_acc"] <= 1.0 and tiny_run["params"] > 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and all(0 <= r["val_acc"] <= 1 for r in rows)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["model"]["n_embd"] == 16 and config["args"]["lr"] == 1e-3
+    metrics = json.loads((run_dir / "test_metrics.json").read_text())
+    assert sum(map(sum, metrics["confusion"])) == 7 * 2 == metrics["n"]
+    assert (run_dir / "confusion.csv").read_text().splitlines()[0].split(",")[1:] == list(data.CLASSES)
+
+
+def test_schedule_warmup_then_cosine_per_step():
+    w, total = 10, 50
+    f = [train.lr_factor(s, w, total) for s in range(total)]
+    assert f[0] == pytest.approx(0.1) and f[w] == pytest.approx(1.0)
+    assert all(b - a == pytest.approx(0.09) for a, b in zip(f[:w], f[1:w + 1]))   # linear, per step
+    assert all(b < a for a, b in zip(f[w:], f[w + 1:]))                          # then only down
+    assert f[w + (total - w) // 2] == pytest.approx(0.5) and f[-1] < 0.01          # cosine to ~0
+    # the LambdaLR stepped once per batch follows it
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = train.make_scheduler(opt, w, total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([1e-3 * x for x in f])
+
+
+def test_clipping_happens_after_backward():
+    model = torch.nn.Linear(4, 7)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sched = train.make_scheduler(opt, 1, 10)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append(
+        torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()))
+    images, labels = 100 * torch.randn(16, 4), torch.randint(0, 7, (16,))
+    train.train_step(model, images, labels, opt, sched, 0.0, contextlib.nullcontext())
+    assert seen[-1] > 1.0                       # unclipped, this batch's gradient is large
+    train.train_step(model, images, labels, opt, sched, 1.0, contextlib.nullcontext())
+    assert seen[-1] == pytest.approx(1.0, rel=1e-4)  # the optimizer sees the clipped gradient
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
+    # 28 train images - 7 val = 21 -> 3 steps per epoch, 9 in all; last.pt every 2 steps and per epoch
+    common = ["--epochs", "3", "--save-every-steps", "2", "--hflip"]
+    full = run(tmp_path, "full", *common)
+    assert full["steps"] == 9
+    stopped = run(tmp_path, "killed", *common, "--stop-after-steps", "7")  # dies after step 7
+    assert stopped["stopped_at_step"] == 7
+    assert torch.load(tmp_path / "killed" / "last.pt", weights_only=True)["step"] == 6  # mid-epoch 3
+    resumed = train.main(["--resume", str(tmp_path / "killed")])
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 9
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert resumed["test_acc"] == full["test_acc"]
+    rows = lambda name: (tmp_path / name / "metrics.jsonl").read_text().splitlines()  # noqa: E731
+    strip = lambda r: {k: v for k, v in json.loads(r).items() if k != "epoch_time_s"}  # noqa: E731
+    assert list(map(strip, rows("full"))) == list(map(strip, rows("killed")))
+
+
+def test_eval_only_and_predict(tiny_run, tmp_path, capsys):
+    ckpt = Path(tiny_run["run_dir"]) / "best.pt"
+    result = train.main(["--eval-only", str(ckpt)])
+    assert result["test_acc"] == tiny_run["test_acc"] and result["n"] == 14
+    out = capsys.readouterr().out
+    assert "true \\ pred" in out and all(c in out for c in data.CLASSES)
+    # a checkpoint saved from a DistributedDataParallel model ('module.' prefix) loads the same
+    state = torch.load(ckpt, weights_only=True)
+    state["model"] = {"module." + k: v for k, v in state["model"].items()}
+    torch.save(state, tmp_path / "prefixed.pt")
+    assert train.main(["--eval-only", str(tmp_path / "prefixed.pt")])["test_acc"] == tiny_run["test_acc"]
+
+    paths = []
+    for i in range(2):
+        image, _ = data.synthetic_face(1, "test", i, (40, 60))
+        paths.append(str(tmp_path / f"face{i}.png"))
+        image.save(paths[-1])
+    probs = train.main(["--predict", *paths, "--ckpt", str(ckpt)])["predictions"]
+    assert list(probs) == paths
+    for p in probs.values():
+        assert list(p) == list(data.CLASSES) and sum(p.values()) == pytest.approx(1.0, abs=1e-5)
+    assert paths[0] in capsys.readouterr().out
+
+
+def test_plot_draws_a_png(tiny_run, tmp_path):
+    out = tmp_path / "val.png"
+    train.main(["--plot", tiny_run["run_dir"], tiny_run["run_dir"], "--plot-out", str(out)])
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.width > 600 and im.height > 400
+
+
+def expect_exit_2(capsys, argv, *words):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and all(w in err for w in words), err
+
+
+def test_clear_errors(tiny_run, tmp_path, capsys):
+    expect_exit_2(capsys, [*TINY_ARGS, "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path)], "nowhere")
+    expect_exit_2(capsys, ["--resume", tiny_run["run_dir"], "--n-embd", "32"], "n_embd=16 (checkpoint) vs 32")
+    expect_exit_2(capsys, ["--eval-only", str(tmp_path / "missing.pt")], "no checkpoint")
+    run_dir = Path(tiny_run["run_dir"])
+    expect_exit_2(capsys, [*TINY_ARGS, "--out", str(run_dir.parent), "--name", run_dir.name], "--resume")
+    expect_exit_2(capsys, [*TINY_ARGS, "--patch-size", "7"], "patch")
+    expect_exit_2(capsys, [*TINY_ARGS, "--amp", "bf16", "--device", "cpu"], "CUDA")
+    expect_exit_2(capsys, ["--epochs", "0"], "--epochs")
+
+
+def torchrun(*argv, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(HERE / "train.py"), *TINY_ARGS, *argv]
+    done = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_two_processes_count_every_test_image_once(tmp_path):
+    out = torchrun("--epochs", "1", "--out", str(tmp_path), "--name", "ddp")
+    assert "processes 2 on cpu, 4 images per process per step" in out
+    run_dir = tmp_path / "ddp"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and sum(map(sum, summary["test_confusion"])) == 14
+    assert not any(k.startswith("module.") for k in torch.load(run_dir / "best.pt", weights_only=True)["model"])
+    single = train.main(["--eval-only", str(run_dir / "best.pt")])
+    assert single["test_acc"] == summary["test_acc"] and single["test_confusion"] == summary["test_confusion"]
+
+
+def test_two_process_checkpoint_resumes_in_one(tmp_path):
+    torchrun("--epochs", "2", "--stop-after-steps", "4", "--out", str(tmp_path), "--name", "ddp")
+    assert torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)["step"] == 3  # end of epoch 1
+    resumed = train.main(["--resume", str(tmp_path / "ddp")])
+    assert resumed["world_size"] == 1 and resumed["steps"] == 6
+    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_benchmark_writes_a_table(tmp_path):
+    # tiny sizes: this checks the machinery (a process per point, ratios, the CSV), not speed
+    out = tmp_path / "bench.csv"
+    rows = train.main(["--benchmark", "--bench-tokens", "6", "24", "--bench-methods", "rwkv-block",
+                       "transformer-block", "rwkv-model", "rwkv-rnn", "--bench-width", "16", "--bench-repeats", "1",
+                       "--bench-share-batch", "0", "--bench-out", str(out), "--device", "cpu"])["benchmark"]
+    assert [(r["method"], r["tokens"], r["mode"]) for r in rows][:4] == [
+        ("rwkv-block", 6, "forward"), ("rwkv-block", 6, "train"),
+        ("transformer-block", 6, "forward"), ("transformer-block", 6, "train")]
+    assert len(rows) == 2 * 7  # rwkv-rnn has no training mode
+    for r in rows:
+        assert r["ms"] > 0 and r["peak_mb"] >= 0
+        if r["method"].startswith("transformer"):
+            assert r["time_ratio"] == 1.0
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("method,tokens,mode,ms,peak_mb") and len(lines) == 1 + len(rows)
+    assert train.bench_grid(600) == (20, 30) and train.bench_grid(9600) == (80, 120)

@@ -27,12 +27,13 @@
 #endif
 
 // The max trick: for two numbers held in the log domain, return m = max(x, y) and the
-// factors e^{x - m}, e^{y - m} that rescale both to it (one of them is exactly 1).
+// factors e^{x - m}, e^{y - m} that rescale both to it.  One of them is e^0 = 1, so one expf
+// (of minus the gap) gives both.
 __device__ __forceinline__ float rescale(float x, float y, float* ex, float* ey) {
-    const float m = fmaxf(x, y);
-    *ex = expf(x - m);
-    *ey = expf(y - m);
-    return m;
+    const float e = expf(-fabsf(x - y));
+    *ex = (x >= y) ? 1.0f : e;
+    *ey = (x >= y) ? e : 1.0f;
+    return fmaxf(x, y);
 }
 
 extern "C" __global__ void wkv_forward(int B, int T, int C,

@@ -1,0 +1,949 @@
+"""
+train.py: train, evaluate and use FaceRWKV; every experiment of the paper from one script.
+
+    python train.py                       # the demo: small model, built-in synthetic faces
+    python train.py --data CAER-S --experiment table2-small   # a paper experiment (list: --help)
+    torchrun --nproc_per_node 4 train.py --data CAER-S --experiment table3-hybrid-unfrozen
+    python train.py --eval-only runs/NAME/best.pt             # test metrics of a checkpoint
+    python train.py --predict face.jpg --ckpt runs/NAME/best.pt
+    python train.py --plot runs/A runs/B --plot-out val_acc.png
+
+The recipe is the paper's (section 5.1): Adam (0.9, 0.999), lr 1e-3, warm-up over the first epoch
+*per step* from 0.1 x lr to lr, cosine annealing to 0 over the remaining steps, gradient clipping
+at 1.0 after backward, batch 64, cross-entropy, no augmentation. Each epoch ends with validation;
+the best-validation checkpoint is evaluated on test at the end (accuracy, per-class accuracy,
+confusion matrix). Without --data the defaults switch to the demo (DEMO below: synthetic faces at
+96x144, patch 12, 8 epochs, batch 32). On this project's 2-core CPU it takes 56 s (about 6 s an
+epoch after the first, which draws and caches the faces) and ends at 12.1 % test accuracy, which
+is chance: the small model does not yet learn the synthetic expressions in a demo's budget (a
+4-layer CNN reaches 92 % on the same images). The README discusses this.
+
+A run directory (--out/--name) holds config.json (model config + every setting), metrics.jsonl
+(one row per epoch), last.pt (everything needed to resume, written atomically at the end of
+every epoch and every --save-every-steps steps), best.pt, test_metrics.json and confusion.csv.
+A run killed at any moment and resumed with --resume ends with the same parameters as an
+uninterrupted one (seeded, CPU): the data order is a function of (seed, epoch) and the
+checkpoint holds the optimizer, scheduler, step and RNG states.
+
+Under torchrun each process takes batch_size / world_size images per step, so the global batch,
+and with it the recipe, stays that of --batch-size whatever the number of processes.
+"""
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+import data
+from facerwkv import Block, FaceRWKV, FaceRWKVConfig, TransformerBlock
+
+# -----------------------------------------------------------------------------
+# Settings: the paper's defaults, the demo's, and one preset per paper experiment
+
+# Without --data: the built-in synthetic faces at a reduced resolution, sized to finish in a few
+# minutes on a 2-core CPU. Explicit flags and --experiment presets still override these.
+DEMO = dict(dataset="synthetic", img_size=data.SYNTHETIC_IMG_SIZE, patch_size=data.SYNTHETIC_PATCH_SIZE,
+            epochs=8, batch_size=32, workers=0)
+
+# Section 5 of the paper, one entry per run. Table 4 (parameter counts) is printed by every run.
+# The hybrids want ImageNet weights for the stem: add --backbone-weights resnet50-11ad3fa6.pth.
+EXPERIMENTS = {
+    "sanity": dict(size="small", sanity=2, epochs=8, batch_size=2),               # 5.1: 14 images
+    "table2-small": dict(size="small", epochs=25),                                # Table 2, Fig. 4
+    "table2-medium": dict(size="medium", epochs=25),
+    "table2-large": dict(size="large", epochs=25),
+    "table3-baseline": dict(size="large", epochs=15),                             # Table 3, Fig. 5
+    "table3-hybrid-frozen": dict(size="hybrid", patch_size=5, freeze_backbone=True, epochs=15),
+    "table3-hybrid-unfrozen": dict(size="hybrid", patch_size=5, epochs=15),
+    "table5-small": dict(size="small", epochs=15),                                # Table 5, Fig. 6-7
+    "table5-pos-emb": dict(size="small", pos_emb=True, epochs=15),
+    "table5-linear-head": dict(size="small", head="linear", epochs=15),
+    "table5-no-rwkv": dict(size="small", backbone="resnet50", patch_size=5, mixer="identity", epochs=15),
+}
+
+MODEL_FLAGS = ("n_layer", "n_embd", "dim_att", "dim_ffn", "n_head", "patch_size", "backbone",
+               "freeze_backbone", "pos_emb", "pool", "head", "mixer")
+# settings a checkpoint does not carry over to --resume / --eval-only (they describe this process)
+PER_PROCESS = ("resume", "eval_only", "predict", "ckpt", "plot", "plot_out", "stop_after_steps", "device")
+
+
+class UsageError(Exception):
+    """A bad setting or file given by the user: printed as one line, exit status 2."""
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Train / evaluate FaceRWKV (RWKV-4 for facial expression recognition).\n"
+                    "Defaults are the paper's; with no --data they switch to the demo: built-in synthetic\n"
+                    f"faces at {DEMO['img_size'][0]}x{DEMO['img_size'][1]}, patch {DEMO['patch_size']}, "
+                    f"{DEMO['epochs']} epochs, no data workers.",
+        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=34),
+        epilog="experiments (section 5 of the paper; each sets defaults that explicit flags override):\n"
+               + "\n".join(f"  {name:<24} {' '.join(f'{k}={v}' for k, v in s.items())}"
+                           for name, s in EXPERIMENTS.items()))
+
+    g = p.add_argument_group("model (section 4.2, Table 1)", "unset options come from the --size preset")
+    g.add_argument("--size", default="small", choices=("small", "medium", "large", "hybrid"),
+                   help="Table 1 preset: small 2x128, medium 4x256, large 6x512, hybrid = large on the "
+                        "ResNet50 stem with 5x5 patches (default: small)")
+    g.add_argument("--n-layer", type=int, help="number of RWKV blocks")
+    g.add_argument("--n-embd", type=int, help="embedding width d")
+    g.add_argument("--dim-att", type=int, help="time-mix width (default d; the paper's code used n_head)")
+    g.add_argument("--dim-ffn", type=int, help="channel-mix hidden width (default 4d)")
+    g.add_argument("--n-head", type=int, help="heads of the transformer mixer (default d/64)")
+    g.add_argument("--patch-size", type=int, help="P x P patches (default 20; 5 for hybrid)")
+    g.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"), default=(400, 600),
+                   help="images are resized to H x W (default: 400 600)")
+    g.add_argument("--backbone", choices=("none", "resnet50"), help="'resnet50': patches of the ResNet50 stem's map")
+    g.add_argument("--backbone-weights", metavar="PATH",
+                   help="torchvision resnet50 state dict for the stem; turns on ImageNet normalisation")
+    g.add_argument("--freeze-backbone", action=argparse.BooleanOptionalAction, help="do not train the stem")
+    g.add_argument("--pos-emb", action=argparse.BooleanOptionalAction, help="learned positional embedding")
+    g.add_argument("--pool", choices=("last", "mean"), help="classify the last token (paper) or the mean")
+    g.add_argument("--head", choices=("mlp", "linear"), help="classifier head (default mlp)")
+    g.add_argument("--mixer", choices=("rwkv", "transformer", "identity"),
+                   help="token mixer: rwkv, a transformer block for comparison, identity = 'w/o RWKV'")
+
+    g = p.add_argument_group("data (section 3)")
+    g.add_argument("--data", metavar="PATH", help="dataset root or file; unset: built-in synthetic faces (demo)")
+    g.add_argument("--dataset", default="auto", choices=("auto", "caer-s", "folder", "rafdb", "fer2013", "synthetic"),
+                   help="dataset format (default: auto-detect)")
+    g.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of train moved to validation when there is no val split (default 0.1)")
+    g.add_argument("--sanity", type=int, metavar="N", help="use only N images per class (the sanity check)")
+    g.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=False,
+                   help="random horizontal flips (the paper trains without augmentation)")
+    g.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images instead of stopping")
+    g.add_argument("--synthetic-size", type=int, nargs=2, metavar=("TRAIN", "TEST"),
+                   default=data.SYNTHETIC_SIZE, help="synthetic faces per class in train and test "
+                   f"(default {data.SYNTHETIC_SIZE[0]} {data.SYNTHETIC_SIZE[1]})")
+    g.add_argument("--workers", type=int, default=4, help="data loading processes per training process "
+                   "(default 4; the demo uses 0)")
+
+    g = p.add_argument_group("optimisation (section 5.1)")
+    g.add_argument("--epochs", type=int, default=25, help="default 25 (Table 2)")
+    g.add_argument("--batch-size", type=int, default=64, help="global batch, split over processes (default 64)")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of Adam(0.9, 0.999)")
+    g.add_argument("--warmup-epochs", type=float, default=1.0,
+                   help="linear warm-up from 0.1 x lr to lr, per step, then cosine to 0 (default 1)")
+    g.add_argument("--clip", type=float, default=1.0, help="max gradient norm, 0 = off (default 1)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay (default 0)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--experiment", choices=tuple(EXPERIMENTS), metavar="NAME",
+                   help="preset of a paper experiment (list below)")
+    g.add_argument("--seed", type=int, default=0, help="seeds init, data split and data order")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if available")
+    g.add_argument("--amp", default="none", choices=("none", "bf16"),
+                   help="bf16 autocast of the linear layers (CUDA only; WKV stays fp32)")
+    g.add_argument("--out", default="runs", help="parent directory of run directories (default runs)")
+    g.add_argument("--name", help="run directory name (default: experiment or size + time)")
+    g.add_argument("--resume", metavar="RUN_DIR_OR_CKPT", help="continue a run from its last.pt; its settings "
+                   "are the defaults")
+    g.add_argument("--eval-only", metavar="CKPT", help="only evaluate CKPT (or RUN_DIR/best.pt) on the test split")
+    g.add_argument("--log-every", type=int, default=10, help="steps between progress lines (default 10)")
+    g.add_argument("--save-every-steps", type=int, default=0, help="also write last.pt every N steps (0 = per epoch)")
+    g.add_argument("--stop-after-steps", type=int, default=0,
+                   help="testing aid: stop dead after N optimizer steps, as if killed (nothing is saved)")
+
+    p.add_argument_group(
+        "distributed (torchrun)",
+        "torchrun --nproc_per_node N train.py ...   (several machines: add --nnodes, --node-rank,\n"
+        "--rdzv-endpoint). NCCL on GPUs, gloo on CPUs. Each of the N processes takes batch_size / N\n"
+        "images per step (batch_size must be divisible by N), so the recipe does not change;\n"
+        "validation/test counts are summed over processes; only rank 0 writes files.")
+
+    g = p.add_argument_group("tools")
+    g.add_argument("--plot", nargs="+", metavar="RUN_DIR", help="draw validation accuracy per epoch of these runs")
+    g.add_argument("--plot-out", default="val_acc.png", help="PNG written by --plot (default val_acc.png)")
+    g.add_argument("--predict", nargs="+", metavar="IMG", help="print class probabilities of these images")
+    g.add_argument("--ckpt", metavar="CKPT", help="checkpoint (or run directory: its best.pt) for --predict")
+    g.add_argument("--benchmark", action="store_true",
+                   help="time and peak memory of RWKV vs transformer (block, model, RNN mode) as tokens grow; "
+                        "writes --bench-out")
+    g.add_argument("--bench-tokens", type=int, nargs="+", default=[600, 1200, 2400, 4800, 9600], metavar="T",
+                   help="token counts of --benchmark (600 = 400x600 with 20x20 patches)")
+    g.add_argument("--bench-methods", nargs="+", metavar="M",
+                   default=["rwkv-block", "transformer-block", "rwkv-model", "transformer-model", "rwkv-rnn"],
+                   help="rwkv-block transformer-block rwkv-model transformer-model rwkv-rnn")
+    g.add_argument("--bench-width", type=int, default=128, help="model width d of --benchmark (default 128 = small)")
+    g.add_argument("--bench-batch", type=int, default=1, help="images (or sequences) per call (default 1)")
+    g.add_argument("--bench-repeats", type=int, default=3, help="timed calls per point, median reported")
+    g.add_argument("--bench-share-batch", type=int, default=8,
+                   help="batch of the small-model training step whose WKV share is profiled (CPU; 0 = skip)")
+    g.add_argument("--bench-out", default="benchmark.csv", help="CSV written by --benchmark")
+    g.add_argument("--count-params", action="store_true",
+                   help="print the parameter count of every --size preset beside the paper's (Tables 1, 4)")
+    return p
+
+
+def parse_args(argv):
+    """Defaults are layered: paper < demo (no --data) < --experiment < the checkpoint's settings
+    (--resume/--eval-only) < explicit flags. The final namespace therefore spells out everything."""
+    parser = build_parser()
+    first = parser.parse_args(argv)
+    if first.resume or first.eval_only:
+        saved = load_checkpoint(first.resume or first.eval_only, "last.pt" if first.resume else "best.pt")["args"]
+        parser.set_defaults(**{k: v for k, v in saved.items() if k not in PER_PROCESS})
+    else:
+        if first.data is None and not first.count_params:
+            parser.set_defaults(**DEMO)
+        if first.experiment:
+            preset = dict(EXPERIMENTS[first.experiment])
+            if first.data is None and "patch_size" in preset:
+                # a ResNet50-stem experiment on the demo's small images: patches 1/4 the demo's on the
+                # stem's 1/4-size map, i.e. the demo's token grid
+                preset["patch_size"] = DEMO["patch_size"] // 4
+            parser.set_defaults(**preset)
+    args = parser.parse_args(argv)
+    args.img_size, args.synthetic_size = tuple(args.img_size), tuple(args.synthetic_size)
+    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or args.warmup_epochs < 0 or args.clip < 0:
+        raise UsageError("--epochs and --batch-size must be >= 1, --lr > 0, --warmup-epochs and --clip >= 0")
+    if args.predict and not args.ckpt:
+        raise UsageError("--predict needs --ckpt CKPT (e.g. runs/NAME/best.pt)")
+    return args
+
+
+def model_config(args, n_classes):
+    """FaceRWKVConfig from the --size preset and whatever model flags are set."""
+    overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
+    if args.backbone_weights:
+        overrides["imagenet_norm"] = True  # the pretrained stem expects ImageNet-normalised inputs
+    try:
+        return FaceRWKVConfig.preset(args.size, img_size=args.img_size, n_classes=n_classes, **overrides)
+    except ValueError as e:
+        raise UsageError(f"model settings: {e}") from None
+
+
+def load_splits(args, config):
+    """train/val/test as the model expects them (its img_size; ImageNet-normalised with a pretrained stem)."""
+    return data.load_datasets(root=args.data, fmt={"caer-s": "caer"}.get(args.dataset, args.dataset),
+                              img_size=config.img_size, val_fraction=args.val_fraction, seed=args.seed,
+                              sanity_per_class=args.sanity, hflip=args.hflip, normalize=config.imagenet_norm,
+                              skip_bad_images=args.skip_bad_images, synthetic_size=args.synthetic_size)
+
+
+# -----------------------------------------------------------------------------
+# Processes and devices
+
+def setup_distributed(device_flag):
+    """(rank, world_size, device). Under torchrun the process group comes from the environment."""
+    use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
+    if device_flag == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but torch sees no GPU; use --device cpu")
+    if "LOCAL_RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if use_cuda else "cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+def autocast(args, device):
+    """--amp bf16: linear layers run in bfloat16 on CUDA; wkv() computes in float32 whatever it gets."""
+    if args.amp == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# The learning-rate schedule: per-step linear warm-up, then cosine to 0
+
+def lr_factor(step, warmup_steps, total_steps):
+    """Multiplier of the peak lr at optimizer step `step` (0-based): 0.1 -> 1 linearly over the
+    warm-up steps, then half a cosine down to 0 at the end of training."""
+    if step < warmup_steps:
+        return 0.1 + 0.9 * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_scheduler(optimizer, warmup_steps, total_steps):
+    """A LambdaLR stepped once per batch (not per epoch)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: atomic, CPU-loadable, weights_only; they remember the settings they were made with
+
+def rng_states():
+    """Every RNG state as tensors and plain types, so torch.load(weights_only=True) can read it."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_states(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, obj):
+    """Write to a temp file, then rename: a kill mid-write never leaves a broken checkpoint."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, in_run_dir="last.pt"):
+    """A checkpoint file, or the given one of a run directory (last.pt to resume, best.pt to use)."""
+    path = Path(path) / in_run_dir if Path(path).is_dir() else Path(path)
+    if not path.is_file():
+        raise UsageError(f"no checkpoint at {path} (give a .pt file or a run directory holding {in_run_dir})")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    if not (isinstance(ckpt, dict) and {"model", "config", "args"} <= ckpt.keys()):
+        raise UsageError(f"{path} is not a train.py checkpoint (needs model, config and args)")
+    ckpt["model"] = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
+    ckpt["path"] = str(path)
+    return ckpt
+
+
+def load_weights(model, ckpt):
+    """Load ckpt's weights into model; a different architecture is named field by field."""
+    ours, theirs = dataclasses.asdict(model.config), ckpt["config"]
+    diff = [f"{k}={_plain(theirs.get(k))} (checkpoint) vs {_plain(v)} (now)"
+            for k, v in ours.items() if _plain(theirs.get(k)) != _plain(v)]
+    if diff:
+        raise UsageError(f"checkpoint {ckpt['path']} was made for a different model: {'; '.join(diff)}. "
+                         "Drop the model flags that differ (or use a matching checkpoint).")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UsageError(f"checkpoint {ckpt['path']} does not fit the model: {e}") from None
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def model_from_checkpoint(ckpt, device):
+    model = FaceRWKV(FaceRWKVConfig(**ckpt["config"]))
+    load_weights(model, ckpt)
+    return model.to(device).eval()
+
+
+# -----------------------------------------------------------------------------
+# Data order and evaluation
+
+def epoch_batches(dataset, epoch, skip_batches, args, rank, world, per_rank_batch, device):
+    """This process's batches of one epoch. The order is a function of (seed, epoch) only, and
+    the union of the ranks' k-th batches is the same global batch for every world size;
+    skip_batches replays a resumed epoch from where its checkpoint was written."""
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    sampler.set_epoch(epoch)
+    indices = list(sampler)[skip_batches * per_rank_batch:]
+    # the loader's own generator seeds its workers: random augmentation does not depend on the global RNG
+    generator = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
+    return DataLoader(dataset, batch_size=per_rank_batch, sampler=indices, num_workers=args.workers,
+                      pin_memory=device.type == "cuda", generator=generator)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, n_classes, args, rank, world, per_rank_batch, device):
+    """Loss, accuracy and confusion matrix (rows: true class, columns: predicted) over the whole
+    dataset. Each process takes every world-th sample (no padding, so every sample counts once)
+    and the counts are summed over processes."""
+    model.eval()
+    loader = DataLoader(dataset, batch_size=per_rank_batch, sampler=list(range(rank, len(dataset), world)),
+                        num_workers=args.workers, pin_memory=device.type == "cuda", generator=torch.Generator())
+    confusion = torch.zeros(n_classes, n_classes, dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast(args, device):
+            logits = model(images)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
+        confusion.index_put_((labels, logits.argmax(1)), torch.ones_like(labels, dtype=torch.float64), accumulate=True)
+    if world > 1:
+        dist.all_reduce(confusion)
+        dist.all_reduce(loss_sum)
+    confusion = confusion.long().cpu()
+    total = int(confusion.sum())
+    per_class = confusion.diag() / confusion.sum(1)
+    return {"loss": loss_sum.item() / max(total, 1), "acc": confusion.diag().sum().item() / max(total, 1),
+            "n": total, "per_class_acc": [None if math.isnan(a) else a for a in per_class.tolist()],
+            "confusion": confusion.tolist()}
+
+
+def confusion_table(metrics, classes):
+    """The confusion matrix as aligned text: rows are true classes, columns predictions."""
+    corner = "true \\ pred"
+    first = max(len(corner), *(len(c) for c in classes))
+    width = max(5, *(len(c) for c in classes), *(len(str(n)) for row in metrics["confusion"] for n in row))
+    lines = [f"{corner:<{first}} " + " ".join(f"{c:>{width}}" for c in classes) + f" {'acc':>7}"]
+    for name, row, acc in zip(classes, metrics["confusion"], metrics["per_class_acc"]):
+        acc = "-" if acc is None else f"{100 * acc:.1f}%"
+        lines.append(f"{name:<{first}} " + " ".join(f"{n:>{width}}" for n in row) + f" {acc:>7}")
+    lines.append(f"test accuracy {100 * metrics['acc']:.2f}% on {metrics['n']} images")
+    return "\n".join(lines)
+
+
+def save_test_metrics(run_dir, metrics, classes, ckpt_path):
+    (run_dir / "test_metrics.json").write_text(json.dumps({"checkpoint": str(ckpt_path), "classes": list(classes),
+                                                          **metrics}, indent=1) + "\n")
+    with open(run_dir / "confusion.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["true \\ pred", *classes])
+        w.writerows([name, *row] for name, row in zip(classes, metrics["confusion"]))
+
+
+# -----------------------------------------------------------------------------
+# One optimizer step
+
+def train_step(model, images, labels, optimizer, scheduler, clip, amp_context):
+    """Forward, backward, clip the gradient norm (after backward, when there are gradients),
+    Adam step, then advance the per-step schedule. Returns (loss, correct)."""
+    with amp_context:
+        logits = model(images)
+    loss = F.cross_entropy(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip)
+    optimizer.step()
+    scheduler.step()
+    return loss.detach(), (logits.argmax(1) == labels).sum()
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+def log_settings(args, config, splits, world, device, per_rank_batch, log):
+    demo = " (demo defaults: no --data, built-in synthetic faces at reduced resolution)" if args.data is None else ""
+    log(f"settings{demo}:")
+    log("  model    " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items()))
+    groups = {"data": ("data", "dataset", "val_fraction", "sanity", "hflip", "skip_bad_images", "synthetic_size",
+                       "workers"),
+              "optim": ("epochs", "batch_size", "lr", "warmup_epochs", "clip", "weight_decay"),
+              "run": ("experiment", "seed", "device", "amp", "out", "name", "resume", "save_every_steps",
+                      "stop_after_steps")}
+    for title, keys in groups.items():
+        log(f"  {title:<8} " + " ".join(f"{k}={getattr(args, k)}" for k in keys))
+    log(f"  processes {world} on {device}, {per_rank_batch} images per process per step")
+    log(splits.summary())
+
+
+def train(args):
+    rank, world, device = setup_distributed(args.device)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    if args.amp == "bf16" and device.type != "cuda":
+        raise UsageError("--amp bf16 needs a CUDA device (on CPU train in fp32: --amp none)")
+    if args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world})")
+    per_rank_batch = args.batch_size // world
+    t_start = time.time()
+    resume = load_checkpoint(args.resume) if args.resume else None
+
+    classes = data.CLASSES
+    config = model_config(args, len(classes))  # checked before a possibly long data scan
+    splits = load_splits(args, config)
+    classes = splits.classes
+    config = dataclasses.replace(config, n_classes=len(classes))
+
+    seed_everything(args.seed)
+    model = FaceRWKV(config)
+    if resume:
+        load_weights(model, resume)
+    elif args.backbone_weights:
+        try:
+            model.load_backbone_weights(args.backbone_weights)
+        except (OSError, ValueError) as e:
+            raise UsageError(str(e)) from None
+    if config.freeze_backbone and not args.backbone_weights:
+        log("warning: the frozen ResNet50 stem has random weights; pass --backbone-weights PATH")
+    model.to(device)
+    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    steps_per_epoch = math.ceil(len(splits.train) / args.batch_size)  # the same for every world size
+    total_steps = args.epochs * steps_per_epoch
+    scheduler = make_scheduler(optimizer, round(args.warmup_epochs * steps_per_epoch), total_steps)
+
+    # the run directory: rank 0 decides (its clock names it) and tells the others
+    if resume:
+        run_dir = Path(resume["path"]).parent
+    else:
+        stem = args.experiment or ("demo" if args.data is None else args.size)
+        run_dir = Path(args.out) / (args.name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    taken = not resume and (run_dir / "last.pt").exists()
+    if world > 1:
+        box = [run_dir, taken]
+        dist.broadcast_object_list(box, src=0)
+        run_dir, taken = box
+    if taken:
+        raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --name")
+    args.name = run_dir.name
+
+    step, best_val, best_epoch, epoch_sums = 0, -1.0, 0, [0.0, 0, 0]
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        step, best_val, best_epoch = resume["step"], resume["best_val_acc"], resume["best_epoch"]
+        epoch_sums = list(resume["epoch_sums"])
+        set_rng_states(resume["rng"])
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps({"model": dataclasses.asdict(config), "args": vars(args),
+                                                         "data": splits.info, "world_size": world}, indent=1,
+                                                        default=str) + "\n")
+        keep_epochs(run_dir / "metrics.jsonl", step // steps_per_epoch)
+
+    log_settings(args, config, splits, world, device, per_rank_batch, log)
+    n_params, n_trainable = model.num_params(), model.num_params(trainable_only=True)
+    log(f"parameters: {n_params:,} ({n_trainable:,} trainable); {steps_per_epoch} steps per epoch, "
+        f"{total_steps} in all" + (f"; resuming at step {step} from {resume['path']}" if resume else ""))
+    log(f"run directory: {run_dir}")
+
+    def checkpoint(epoch_sums):
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": step // steps_per_epoch, "step": step, "best_val_acc": best_val, "best_epoch": best_epoch,
+                "epoch_sums": epoch_sums, "rng": rng_states(), "config": dataclasses.asdict(config),
+                "args": vars(args), "classes": list(classes)}
+
+    t_train, steps_here = time.time(), 0
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        t_epoch = time.time()
+        ddp_model.train()
+        skip = step % steps_per_epoch
+        t_log, images_since_log = time.time(), 0
+        for images, labels in epoch_batches(splits.train, epoch, skip, args, rank, world, per_rank_batch, device):
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            lr = optimizer.param_groups[0]["lr"]
+            loss, correct = train_step(ddp_model, images, labels, optimizer, scheduler, args.clip,
+                                       autocast(args, device))
+            step, steps_here = step + 1, steps_here + 1
+            loss = loss.item()
+            epoch_sums = [epoch_sums[0] + loss * len(labels), epoch_sums[1] + int(correct), epoch_sums[2] + len(labels)]
+            images_since_log += len(labels) * world
+            if args.stop_after_steps and step >= args.stop_after_steps:
+                log(f"stopping after step {step} (--stop-after-steps: as if killed, nothing saved)")
+                return {"stopped_at_step": step, "run_dir": str(run_dir)}
+            if step % args.log_every == 0 or step % steps_per_epoch == 0:
+                now = time.time()
+                eta = (now - t_train) / steps_here * (total_steps - step)
+                log(f"epoch {epoch + 1}/{args.epochs} step {step}/{total_steps} loss {loss:.4f} lr {lr:.2e} "
+                    f"{images_since_log / (now - t_log):.1f} img/s eta {format_seconds(eta)}")
+                t_log, images_since_log = now, 0
+            if rank == 0 and args.save_every_steps and step % args.save_every_steps == 0 and step % steps_per_epoch:
+                save_checkpoint(run_dir / "last.pt", checkpoint(epoch_sums))
+
+        # end of epoch: training stats over all processes, validation, metrics row, checkpoints
+        sums = torch.tensor(epoch_sums, dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(sums)
+        val = evaluate(model, splits.val, len(classes), args, rank, world, per_rank_batch, device) \
+            if len(splits.val) else None
+        improved = val is None or val["acc"] > best_val
+        if improved:
+            best_val, best_epoch = (val["acc"] if val else best_val), epoch + 1
+        row = {"epoch": epoch + 1, "step": step, "train_loss": sums[0].item() / sums[2].item(),
+               "train_acc": sums[1].item() / sums[2].item(), "val_loss": val and val["loss"],
+               "val_acc": val and val["acc"], "lr": optimizer.param_groups[0]["lr"],
+               "epoch_time_s": round(time.time() - t_epoch, 2)}
+        epoch_sums = [0.0, 0, 0]
+        val_text = f"val loss {row['val_loss']:.4f} val acc {100 * row['val_acc']:.2f}%" if val else "no val split"
+        log(f"epoch {epoch + 1}/{args.epochs} done: train loss {row['train_loss']:.4f} train acc "
+            f"{100 * row['train_acc']:.2f}% {val_text}{' (best)' if improved and val else ''} "
+            f"[{row['epoch_time_s']:.1f}s]")
+        if rank == 0:
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if improved:
+                save_checkpoint(run_dir / "best.pt", {k: v for k, v in checkpoint(epoch_sums).items()
+                                                     if k not in ("optimizer", "scheduler", "rng")})
+            save_checkpoint(run_dir / "last.pt", checkpoint(epoch_sums))
+
+    # the best-validation model on test; rank 0 reads best.pt and hands the weights to the others
+    if rank == 0:
+        best = load_checkpoint(run_dir / "best.pt")
+        load_weights(model, best)
+    if world > 1:
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+    test = evaluate(model, splits.test, len(classes), args, rank, world, per_rank_batch, device)
+    wall = time.time() - t_start
+    summary = {"run_dir": str(run_dir), "params": n_params, "trainable_params": n_trainable,
+               "best_val_acc": best_val if best_val >= 0 else None, "best_epoch": best_epoch,
+               "test_acc": test["acc"], "test_per_class_acc": test["per_class_acc"],
+               "test_confusion": test["confusion"],
+               "epochs": args.epochs, "steps": step, "world_size": world, "wall_time_s": round(wall, 2),
+               "train_time_s": round(time.time() - t_train, 2)}
+    if rank == 0:
+        log(f"\ntest set, best-validation checkpoint (epoch {best_epoch}):")
+        log(confusion_table(test, classes))
+        save_test_metrics(run_dir, test, classes, run_dir / "best.pt")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        log(f"\nsummary: {n_params:,} parameters | best val acc "
+            f"{'-' if summary['best_val_acc'] is None else f'{100 * best_val:.2f}%'} (epoch {best_epoch}) | "
+            f"test acc {100 * test['acc']:.2f}% | wall time {format_seconds(wall)} | {run_dir}")
+    return summary
+
+
+def keep_epochs(metrics_path, n_epochs):
+    """On resume, drop metrics rows of epochs the checkpoint does not include (a kill can come
+    between writing the row and writing last.pt)."""
+    if metrics_path.exists():
+        rows = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["epoch"] <= n_epochs]
+        metrics_path.write_text("".join(row + "\n" for row in rows))
+
+
+def format_seconds(s):
+    s = int(round(s))
+    return f"{s // 3600}h{s // 60 % 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# -----------------------------------------------------------------------------
+# Evaluation of a checkpoint, prediction, plots
+
+def eval_only(args):
+    rank, world, device = setup_distributed(args.device)
+    ckpt = load_checkpoint(args.eval_only, "best.pt")
+    model = model_from_checkpoint(ckpt, device)
+    splits = load_splits(args, model.config)
+    if args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world})")
+    test = evaluate(model, splits.test, len(splits.classes), args, rank, world, args.batch_size // world, device)
+    if rank == 0:
+        print(splits.summary())
+        print(f"test set, {ckpt['path']}:")
+        print(confusion_table(test, splits.classes))
+        save_test_metrics(Path(ckpt["path"]).parent, test, splits.classes, ckpt["path"])
+    return {"checkpoint": ckpt["path"], "test_acc": test["acc"], "test_per_class_acc": test["per_class_acc"],
+            "test_confusion": test["confusion"], "n": test["n"]}
+
+
+@torch.no_grad()
+def predict(paths, ckpt_path, device_flag):
+    """Class probabilities of each image, preprocessed like the checkpoint's training data."""
+    device = torch.device("cuda" if device_flag != "cpu" and torch.cuda.is_available() else "cpu")
+    ckpt = load_checkpoint(ckpt_path, "best.pt")
+    model = model_from_checkpoint(ckpt, device)
+    classes = ckpt["classes"]
+    results = {}
+    for path in paths:
+        image = data.load_image(path, model.config.img_size, normalize=model.config.imagenet_norm)
+        probs = F.softmax(model(image[None].to(device)).float(), dim=1)[0].cpu()
+        results[path] = dict(zip(classes, probs.tolist()))
+        top = int(probs.argmax())
+        print(f"{path}: {classes[top]} ({100 * probs[top]:.1f}%)  "
+              + "  ".join(f"{c} {p:.3f}" for c, p in zip(classes, probs.tolist())))
+    return results
+
+
+PAPER_PARAMS = {"small": 0.5e6, "medium": 2.8e6, "large": 14.8e6, "hybrid": 15.0e6}  # Tables 1 and 4
+
+
+def count_params(args):
+    """Parameters of each preset at the current settings (the model flags given apply to all)."""
+    print(f"parameters at img_size {args.img_size[0]}x{args.img_size[1]}, 7 classes:")
+    print(f"{'model':<8} {'ours':>12} {'trainable':>12} {'paper':>8}   config")
+    counts = {}
+    for size, paper in PAPER_PARAMS.items():
+        config = model_config(argparse.Namespace(**{**vars(args), "size": size}), len(data.CLASSES))
+        model = FaceRWKV(config)
+        counts[size] = model.num_params()
+        print(f"{size:<8} {counts[size]:>12,} {model.num_params(trainable_only=True):>12,} {paper / 1e6:>7.1f}M   "
+              f"L={config.n_layer} d={config.n_embd} dim_att={config.dim_att} dim_ffn={config.dim_ffn} "
+              f"patch={config.patch_size} backbone={config.backbone}")
+    return counts
+
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def nice_step(span, max_ticks):
+    """A tick spacing of 1, 2 or 5 x 10^k giving at most max_ticks intervals."""
+    for magnitude in (10 ** k for k in range(-2, 6)):
+        for m in (1, 2, 5):
+            if span / (m * magnitude) <= max_ticks:
+                return m * magnitude
+    return span
+
+
+def plot_runs(run_dirs, out_path):
+    """Validation accuracy per epoch of several runs in one PNG (the paper's Figures 4-7),
+    drawn with Pillow: axes with ticks and labels, one coloured line per run, a legend."""
+    runs = []
+    for run_dir in run_dirs:
+        metrics = Path(run_dir) / "metrics.jsonl"
+        if not metrics.is_file():
+            raise UsageError(f"{run_dir} has no metrics.jsonl; give run directories written by train.py")
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        points = [(r["epoch"], 100 * r["val_acc"]) for r in rows if r.get("val_acc") is not None]
+        if not points:
+            raise UsageError(f"{metrics} has no validation accuracy yet")
+        runs.append((Path(run_dir).resolve().name, points))
+
+    font, small = ImageFont.load_default(size=18), ImageFont.load_default(size=15)
+    legend_w = 40 + max(int(small.getlength(name)) for name, _ in runs)
+    W, H = 860 + legend_w, 540
+    left, right, top, bottom = 90, legend_w + 40, 55, 75     # plot area margins
+    x_max = max(2, max(e for _, pts in runs for e, _ in pts))
+    accs = [a for _, pts in runs for _, a in pts]
+    y_step = nice_step(max(max(accs) - min(accs), 10), 10)
+    y_lo = max(0, math.floor(min(accs) / y_step) * y_step)
+    y_hi = min(100, math.ceil(max(accs) / y_step) * y_step)
+    if y_hi <= y_lo:
+        y_lo, y_hi = max(0, y_hi - y_step), max(y_hi, y_step)
+
+    def xy(epoch, acc):
+        return (left + (epoch - 1) / (x_max - 1) * (W - left - right),
+                H - bottom - (acc - y_lo) / (y_hi - y_lo) * (H - top - bottom))
+
+    img = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(img)
+    x_step = nice_step(x_max - 1, 12)
+    for epoch in [1] + list(range(x_step, x_max + 1, x_step)) if x_step > 1 else range(1, x_max + 1):
+        x, _ = xy(epoch, y_lo)
+        draw.line([(x, top), (x, H - bottom)], fill=(230, 230, 230))
+        draw.line([(x, H - bottom), (x, H - bottom + 6)], fill="black", width=2)
+        draw.text((x, H - bottom + 10), str(epoch), fill="black", font=small, anchor="mt")
+    n_y = round((y_hi - y_lo) / y_step)
+    for i in range(n_y + 1):
+        acc = y_lo + i * y_step
+        _, y = xy(1, acc)
+        draw.line([(left, y), (W - right, y)], fill=(230, 230, 230))
+        draw.line([(left - 6, y), (left, y)], fill="black", width=2)
+        draw.text((left - 10, y), f"{acc:g}", fill="black", font=small, anchor="rm")
+    draw.rectangle([left, top, W - right, H - bottom], outline="black", width=2)
+    for i, (name, points) in enumerate(runs):
+        color = PALETTE[i % len(PALETTE)]
+        pts = [xy(e, a) for e, a in points]
+        if len(pts) > 1:
+            draw.line(pts, fill=color, width=3, joint="curve")
+        for x, y in pts:
+            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
+        ly = top + 10 + 26 * i                                    # legend entry, right of the plot
+        draw.line([(W - right + 15, ly + 8), (W - right + 40, ly + 8)], fill=color, width=4)
+        draw.text((W - right + 48, ly + 8), name, fill="black", font=small, anchor="lm")
+    draw.text(((left + W - right) / 2, 18), "Validation accuracy per epoch", fill="black", font=font, anchor="mt")
+    draw.text(((left + W - right) / 2, H - 25), "epoch", fill="black", font=font, anchor="mt")
+    label = Image.new("RGB", (int(font.getlength("validation accuracy (%)")) + 4, 24), "white")
+    ImageDraw.Draw(label).text((2, 2), "validation accuracy (%)", fill="black", font=font)
+    label = label.rotate(90, expand=True)
+    img.paste(label, (12, int((top + H - bottom - label.height) / 2)))
+    img.save(out_path)
+    print(f"wrote {out_path} ({len(runs)} run{'s' * (len(runs) > 1)})")
+    return str(out_path)
+
+
+# -----------------------------------------------------------------------------
+
+# -----------------------------------------------------------------------------
+# Benchmark: the paper's unmeasured claim that RWKV saves time and memory over a transformer.
+# One block of each, and the whole small model in parallel and RNN mode, as the token count
+# grows from the paper's 600 (400x600 image, 20x20 patches) to 9,600. Every (method, tokens,
+# mode) point runs in a fresh process so its peak memory is its own: on the CPU, peak resident
+# memory (VmHWM, reset through /proc/self/clear_refs) minus the resident memory just before the
+# first call; on a GPU, torch.cuda.max_memory_allocated minus the allocation before.
+
+def bench_grid(tokens):
+    """(rows, cols) of 20x20 patches with rows * cols = tokens, as close to the paper's 2:3 as can be."""
+    pairs = [(r, tokens // r) for r in range(1, tokens + 1) if tokens % r == 0 and r <= tokens // r]
+    return min(pairs, key=lambda rc: abs(rc[1] / rc[0] - 1.5))
+
+
+def _rss_bytes(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM, the peak resident set size, to the current one
+
+
+def bench_point(method, tokens, mode, width, batch, device, repeats, threads):
+    """Median milliseconds and peak extra memory (MB) of one call; run in its own process."""
+    torch.manual_seed(0)
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(device)
+    if method.endswith("block"):
+        cfg = FaceRWKVConfig(n_layer=1, n_embd=width, img_size=(20, 20), mixer=method.split("-")[0])
+        module = (Block(cfg, 0) if cfg.mixer == "rwkv" else TransformerBlock(cfg)).to(device)
+        x = torch.randn(batch, tokens, width, device=device)
+        call = module
+    else:
+        rows, cols = bench_grid(tokens)
+        mixer = "transformer" if method.startswith("transformer") else "rwkv"
+        cfg = FaceRWKVConfig.preset("small", n_embd=width, img_size=(20 * rows, 20 * cols), mixer=mixer)
+        module = FaceRWKV(cfg).to(device)
+        x = torch.rand(batch, 3, 20 * rows, 20 * cols, device=device)
+        call = module.forward_rnn if method == "rwkv-rnn" else module
+
+    def run():
+        if mode == "forward":
+            with torch.no_grad():
+                call(x)
+        else:
+            call(x).float().square().mean().backward()
+            module.zero_grad(set_to_none=True)
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        _reset_peak_rss()
+        before = _rss_bytes("VmRSS")
+    run()  # the first call allocates everything the op needs: its peak is the memory cost
+    peak = (torch.cuda.max_memory_allocated() if cuda else _rss_bytes("VmHWM")) - before
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            run()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return dict(method=method, tokens=tokens, mode=mode, ms=sorted(times)[len(times) // 2], peak_mb=peak / 2**20)
+
+
+def wkv_share(batch, threads):
+    """Fraction of a small-model training step (paper resolution, 600 tokens) spent in the WKV op,
+    from torch.profiler: the WKVFunction forward and backward against the whole step."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = FaceRWKV(FaceRWKVConfig.preset("small"))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    images, labels = torch.rand(batch, 3, 400, 600), torch.randint(0, 7, (batch,))
+
+    def step():
+        loss = F.cross_entropy(model(images), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    step()
+    n = 5
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        step_ms = 1e3 * (time.perf_counter() - t0) / n
+    wkv_ms = sum(e.cpu_time_total for e in prof.key_averages()
+                 if e.key in ("WKVFunction", "WKVFunctionBackward")) / 1e3 / n
+    return step_ms, wkv_ms
+
+
+def run_benchmark(args):
+    """--benchmark: the table of every method x tokens, printed and written as CSV."""
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per point
+    rows = []
+    print(f"benchmark on {device} ({torch.get_num_threads()} threads), width {args.bench_width}, "
+          f"batch {args.bench_batch}; every point in a fresh process")
+    for tokens in args.bench_tokens:
+        for method in args.bench_methods:
+            for mode in ("forward", "train"):
+                if method == "rwkv-rnn" and mode == "train":
+                    continue  # RNN mode is for inference
+                with ctx.Pool(1) as pool:
+                    r = pool.apply(bench_point, (method, tokens, mode, args.bench_width, args.bench_batch,
+                                                 device, args.bench_repeats, torch.get_num_threads()))
+                rows.append(r)
+                print(f"  {method:<18} {tokens:>6} tokens {mode:<8} {r['ms']:>10.1f} ms {r['peak_mb']:>9.1f} MB", flush=True)
+    # ratio: how many times faster / smaller than the transformer at the same tokens and mode
+    base = {(r["method"].split("-")[1], r["tokens"], r["mode"]): r for r in rows if r["method"].startswith("transformer")}
+    for r in rows:
+        kind = "model" if r["method"] == "rwkv-rnn" else r["method"].split("-")[1]
+        t = base.get((kind, r["tokens"], r["mode"]))
+        r["time_ratio"] = t["ms"] / r["ms"] if t else float("nan")
+        r["memory_ratio"] = t["peak_mb"] / r["peak_mb"] if t and r["peak_mb"] > 0 else float("nan")
+    out = args.bench_out
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print()
+    print("| tokens | method | mode | ms | peak MB | transformer / this (time) | (memory) |")
+    print("|---:|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['tokens']} | {r['method']} | {r['mode']} | {r['ms']:.1f} | {r['peak_mb']:.1f} | "
+              f"{r['time_ratio']:.2f} | {r['memory_ratio']:.2f} |")
+    print(f"\nwrote {out}")
+    if device == "cpu" and args.bench_share_batch > 0:
+        with ctx.Pool(1) as pool:
+            step_ms, wkv_ms = pool.apply(wkv_share, (args.bench_share_batch, torch.get_num_threads()))
+        print(f"small model, 600 tokens, batch {args.bench_share_batch}: train step {step_ms:.0f} ms, "
+              f"of which WKV {wkv_ms:.1f} ms = {100 * wkv_ms / step_ms:.1f} %")
+    return rows
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    """Entry point; returns a summary dict. User errors print one line and exit with status 2."""
+    try:
+        args = parse_args(argv)
+        if args.count_params:
+            return count_params(args)
+        if args.benchmark:
+            return {"benchmark": run_benchmark(args)}
+        if args.plot:
+            return {"plot": plot_runs(args.plot, args.plot_out)}
+        if args.predict:
+            return {"predictions": predict(args.predict, args.ckpt, args.device)}
+        if args.eval_only:
+            return eval_only(args)
+        return train(args)
+    except (UsageError, data.DataError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
