@@ -45,7 +45,8 @@ import torch.nn.functional as F
 # the current token gets. One algorithm, three runtimes, all computing in float32:
 #   * CUDA:  wkv.cu compiled by NVRTC through cupy.RawModule, launched on torch's stream;
 #   * CPU:   the same unmodified wkv.cu compiled by g++ behind _CPU_SHIM (a few lines of fake
-#            CUDA), called through ctypes -- each "CUDA thread" becomes a loop iteration;
+#            CUDA), called through ctypes -- each "CUDA thread" becomes a loop over CPU_LANES
+#            channels that g++ vectorises, and the threads are shared out over host threads;
 #   * torch: the RNN written out below, differentiated by autograd; the fallback when no C++
 #            compiler is found (slower, same numbers up to float rounding).
 
