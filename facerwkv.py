@@ -55,31 +55,35 @@ WKV_BLOCK = 128  # CUDA threads per block; one thread per (batch, channel) on th
 NVRTC_OPTIONS = ("-std=c++17",)  # what the GPU path compiles wkv.cu with
 
 
-def wkv_torch(w, u, k, v):
-    """The WKV recurrence in plain torch, one token at a time (the RNN mode of RWKV-4).
+def wkv_step(w, u, k, v, state):
+    """One token of the WKV recurrence (the RNN mode of RWKV-4): k, v (B, C) and the state
+    (aa, bb, pp) -> (y (B, C), new state). The numerator and denominator sums over past tokens
+    are kept as a = aa*e^pp and b = bb*e^pp, where pp is the largest exponent seen so far, so no
+    exp() ever overflows (the "max trick"). The empty state is (0, 0, -1e38)."""
+    aa, bb, pp = state
+    # output: the decayed past plus the current token with its bonus e^u
+    ww = u + k
+    p = torch.maximum(pp, ww)
+    e1, e2 = torch.exp(pp - p), torch.exp(ww - p)
+    y = (e1 * aa + e2 * v) / (e1 * bb + e2)
+    # state: every past token decays by e^{-w} (the real decay); the current one joins without bonus
+    ww = pp - w
+    p = torch.maximum(ww, k)
+    e1, e2 = torch.exp(ww - p), torch.exp(k - p)
+    return y, (e1 * aa + e2 * v, e1 * bb + e2, p)
 
-    The numerator and denominator sums are kept as a = aa*e^pp and b = bb*e^pp, where pp is
-    the largest exponent seen so far, so no exp() ever overflows (the "max trick").
-    w, u: (C,), k, v: (B, T, C); autograd provides the backward pass.
-    """
+
+def wkv_torch(w, u, k, v):
+    """The WKV operator in plain torch, wkv_step over t; autograd provides the backward pass.
+    w, u: (C,), k, v: (B, T, C)."""
     B, T, C = k.shape
-    aa = torch.zeros(B, C, dtype=k.dtype, device=k.device)  # numerator / e^pp
-    bb = torch.zeros_like(aa)                                # denominator / e^pp
-    pp = torch.full_like(aa, -1e38)                          # log-scale of the state
+    zeros = torch.zeros(B, C, dtype=k.dtype, device=k.device)
+    state = (zeros, zeros, torch.full_like(zeros, -1e38))
     ys = []
     for t in range(T):
-        kk, vv = k[:, t], v[:, t]                            # (B, C)
-        # output: the decayed past plus the current token with its bonus e^u
-        ww = u + kk
-        p = torch.maximum(pp, ww)
-        e1, e2 = torch.exp(pp - p), torch.exp(ww - p)
-        ys.append((e1 * aa + e2 * vv) / (e1 * bb + e2))
-        # state: every past token decays by e^{-w}; the current one joins without bonus
-        ww = pp - w
-        p = torch.maximum(ww, kk)
-        e1, e2 = torch.exp(ww - p), torch.exp(kk - p)
-        aa, bb, pp = e1 * aa + e2 * vv, e1 * bb + e2, p
-    return torch.stack(ys, dim=1)                            # (B, T, C)
+        y, state = wkv_step(w, u, k[:, t], v[:, t], state)
+        ys.append(y)
+    return torch.stack(ys, dim=1)  # (B, T, C)
 
 
 # Just enough CUDA for g++ to compile wkv.cu as ordinary C++: the kernel qualifiers vanish,
@@ -467,18 +471,7 @@ class TimeMix(nn.Module):
         v = self.value(lerp(x, x_prev, self.time_mix_v.view(-1))).to(aa.dtype)
         r = self.receptance(lerp(x, x_prev, self.time_mix_r.view(-1)))
         w, u = torch.exp(self.time_decay).to(aa.dtype), self.time_first.to(aa.dtype)
-        # The true sums are a = aa * e^pp and b = bb * e^pp over past tokens; the exponent is kept
-        # apart (the max-trick) so that e^{k} never overflows.
-        # Output: past sums plus the current token with its bonus weight e^{u + k}.
-        ww = u + k
-        p = torch.maximum(pp, ww)
-        e1, e2 = torch.exp(pp - p), torch.exp(ww - p)
-        y = (e1 * aa + e2 * v) / (e1 * bb + e2)  # (B, A)
-        # State update: decay the past by e^{-w} (log-scale pp - w), add the current token with e^{k}.
-        ww = pp - w
-        p = torch.maximum(ww, k)
-        e1, e2 = torch.exp(ww - p), torch.exp(k - p)
-        aa, bb, pp = e1 * aa + e2 * v, e1 * bb + e2, p
+        y, (aa, bb, pp) = wkv_step(w, u, k, v, (aa, bb, pp))  # (B, A)
         out = self.output(torch.sigmoid(r) * y.to(r.dtype))  # (B, d)
         return out, (x, aa, bb, pp)
 
