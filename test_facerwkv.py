@@ -979,6 +979,23 @@ def test_synthetic_deterministic_and_varied():
     assert np.asarray(img_a).tobytes() != np.asarray(img_b).tobytes()  # splits are different streams
 
 
+def test_synthetic_drawn_ahead_by_processes_equals_drawn_on_demand():
+    lazy = load_datasets(None, img_size=(24, 36), synthetic_size=(3, 2), seed=4)
+    ahead = load_datasets(None, img_size=(24, 36), synthetic_size=(3, 2), seed=4, synthetic_processes=2)
+    assert lazy.info["drawn"] is None and not lazy.train.source.cache
+    assert ahead.info["drawn"]["images"] == 7 * (3 + 2) and ahead.info["drawn"]["processes"] == 2
+    assert len(ahead.train.source.cache) == 21 and len(ahead.test.source.cache) == 14
+    for split in ("train", "val", "test"):
+        a, b = getattr(lazy, split), getattr(ahead, split)
+        assert a.indices == b.indices
+        for k in range(len(a)):
+            assert torch.equal(a[k][0], b[k][0]) and a[k][1] == b[k][1]
+    assert "synthetic faces drawn: 35 in" in ahead.summary()
+    # the sanity subset draws only the images it uses
+    sanity = load_datasets(None, img_size=(24, 36), synthetic_size=(3, 2), sanity_per_class=1, synthetic_processes=2)
+    assert sanity.info["drawn"]["images"] == 7 and len(sanity.train.source.cache) == 7
+
+
 def test_synthetic_any_resolution():
     for size in ((17, 23), (64, 40), (200, 300)):
         img, label = data.synthetic_face(0, "train", 3, size)
@@ -1112,6 +1129,23 @@ def test_eval_only_and_predict(tiny_run, tmp_path, capsys):
     for p in probs.values():
         assert list(p) == list(data.CLASSES) and sum(p.values()) == pytest.approx(1.0, abs=1e-5)
     assert paths[0] in capsys.readouterr().out
+
+
+def test_inputs_imagenet_normalised_by_default(tiny_run, capsys):
+    config = json.loads((Path(tiny_run["run_dir"]) / "config.json").read_text())
+    assert config["model"]["imagenet_norm"] is True and config["data"]["normalize"] is True
+    expect_exit_2(capsys, [*TINY_ARGS, "--size", "hybrid", "--backbone-weights", "w.pt", "--no-imagenet-norm"],
+                  "ImageNet-normalised")
+
+
+def test_linear_probe_on_pixels(tmp_path, capsys):
+    # one solid colour per class: a linear classifier on pixels must get every test image right
+    root = make_caer(tmp_path / "caer", n_train=10, n_test=3)
+    result = train.main([*TINY_ARGS, "--data", root, "--linear-probe", "--epochs", "3", "--no-imagenet-norm"])
+    assert result["test_acc"] == 1.0 and 1 <= result["best_epoch"] <= 3
+    out = capsys.readouterr().out
+    assert "normalize: False" in out and "linear classifier on 4,608 pixel values: 32,263 parameters" in out
+    assert "test acc 100.00%" in out
 
 
 def test_plot_draws_a_png(tiny_run, tmp_path):
