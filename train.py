@@ -298,6 +298,15 @@ def make_scheduler(optimizer, warmup_steps, total_steps):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
 
 
+def make_optimizer(params, args, n_train):
+    """The recipe's Adam and per-step schedule for n_train images per epoch ->
+    (optimizer, scheduler, steps_per_epoch); the step count is the same for every world size."""
+    optimizer = torch.optim.Adam(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
+    steps_per_epoch = math.ceil(n_train / args.batch_size)
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    return optimizer, make_scheduler(optimizer, warmup_steps, args.epochs * steps_per_epoch), steps_per_epoch
+
+
 # -----------------------------------------------------------------------------
 # Checkpoints: atomic, CPU-loadable, weights_only; they remember the settings they were made with
 
@@ -502,10 +511,8 @@ def train(args):
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    steps_per_epoch = math.ceil(len(splits.train) / args.batch_size)  # the same for every world size
+    optimizer, scheduler, steps_per_epoch = make_optimizer(params, args, len(splits.train))
     total_steps = args.epochs * steps_per_epoch
-    scheduler = make_scheduler(optimizer, round(args.warmup_epochs * steps_per_epoch), total_steps)
 
     # the run directory: rank 0 decides (its clock names it) and tells the others
     if resume:
@@ -674,9 +681,7 @@ def linear_probe(args):
     H, W = config.img_size
     n_classes = len(splits.classes)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * H * W, n_classes)).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
-    steps_per_epoch = math.ceil(len(splits.train) / args.batch_size)
-    scheduler = make_scheduler(optimizer, round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch)
+    optimizer, scheduler, _ = make_optimizer(model.parameters(), args, len(splits.train))
     print(f"linear classifier on {3 * H * W:,} pixel values: {sum(p.numel() for p in model.parameters()):,} parameters")
     t0, best_val, best_epoch, best_state = time.time(), -1.0, 0, None
     for epoch in range(args.epochs):
