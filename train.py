@@ -990,11 +990,14 @@ def main(argv=None):
             return {"plot": plot_runs(args.plot, args.plot_out)}
         if args.predict:
             return {"predictions": predict(args.predict, args.ckpt, args.device)}
-        if args.eval_only:
-            return eval_only(args)
         if args.linear_probe:
             return linear_probe(args)
-        return train(args)
+        result = eval_only(args) if args.eval_only else train(args)
+        if dist.is_initialized():
+            # every rank finishes its work before any tears the group down: a rank leaving early
+            # made another abort in gloo's teardown ("terminate called", about 1 run in 10 here)
+            dist.barrier()
+        return result
     except (UsageError, data.DataError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
