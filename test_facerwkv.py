@@ -1,15 +1,30 @@
 """
-FaceRWKV's tests, all of which run on a CPU-only machine (GPU-execution tests skip and say why).
+FaceRWKV's tests. All of them run on a CPU-only machine; those that need a GPU, nvcc or NVRTC
+skip and say why.
 
-    python -m pytest -q test_facerwkv.py
+    python -m pytest -q test_facerwkv.py                  # everything, about a minute
+    python -m pytest -q test_facerwkv.py -k test_wkv      # one section
 
-Sections: the WKV operator (wkv.cu on the CPU through g++, its NVRTC/nvcc builds, the torch RNN,
-all against a float64 numpy reference), the model (RWKV-4 equations, RNN mode, variants, the
-ResNet50 stem), the data (every format, splits, bad data, synthetic faces), and train.py (the
-recipe, checkpoints and resume, evaluation, prediction, plots, torchrun).
+Each section's tests are named test_<keyword>_..., so `-k test_<keyword>` selects exactly that
+section (a bare `-k wkv` would also match this file's own name, and so select every test).
+
+  The WKV kernels compute what the formula says                        -k test_wkv
+      the references: the paper's formula summed term by term, a numpy RNN, the torch RNN
+      wkv.cu on the CPU (g++ behind a CUDA shim) and the torch fallback: output and gradients
+      wkv.cu for the GPU: the nvcc and NVRTC builds, and the output and gradients on a CUDA device
+  The model                                                            -k test_model
+      the RWKV-4 block against the paper's equations; RNN mode equals parallel mode; every
+      variant trains a step; the ResNet50 stem; the config
+  The data                                                             -k test_data
+      every format; splits and the sanity subset; bad data; transforms; synthetic faces
+  train.py                                                             -k test_train
+      the schedule and clipping; runs end to end; resume after a kill; evaluation, prediction,
+      plots, the linear probe, clear errors; two processes; the benchmark; the rough edges a
+      new user met; the recipes (SAM by hand, the exp schedule, --recipe poster)
 """
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -24,7 +39,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFont
 
 import data
 import facerwkv
@@ -33,13 +48,16 @@ from data import CLASSES, DataError, load_datasets
 from facerwkv import Block, FaceRWKV, FaceRWKVConfig
 
 
-# ----------------------------------------------------------------------------- the WKV operator
-# The numpy RNN below is the reference every implementation is held to; it is itself checked
-# against the naive O(T^2) formula. Errors are max|diff| / max|ref| (fp32 result vs float64).
+# ---- The WKV kernels compute what the formula says (-k test_wkv) ---------------------------------
+# The CUDA kernels compute exactly what the math says. wkv_naive is the paper's formula summed term
+# by term, O(T^2); wkv_reference, a float64 numpy RNN, is checked against it, and the float64 torch
+# RNN against wkv_reference and by gradcheck. Every implementation's output is held to these, and
+# its gradients to float64 autograd of the formula (of the torch RNN at T = 4096 and on the GPU).
+# Errors are max|diff| / max|ref| (fp32 result vs float64).
 
 
 def wkv_reference(w, u, k, v):
-    """float64 numpy, RNN mode with the max trick (reference.md); w, u (C,), k, v (B, T, C)."""
+    """float64 numpy, RNN mode with the max trick, as in wkv.cu; w, u (C,), k, v (B, T, C)."""
     B, T, C = k.shape
     y = np.zeros((B, T, C))
     aa, bb, pp = np.zeros((B, C)), np.zeros((B, C)), np.full((B, C), -1e38)
@@ -92,6 +110,10 @@ def make_inputs(B, T, C, extreme=False, seed=0):
     return [x.float() for x in (w, u, k, v)], gy.float()
 
 
+def numpy64(inputs):
+    return [x.double().numpy() for x in inputs]
+
+
 def grads(fn, inputs, gy, dtype):
     xs = [x.to(dtype).clone().requires_grad_() for x in inputs]
     y = fn(*xs)
@@ -99,29 +121,12 @@ def grads(fn, inputs, gy, dtype):
     return y.detach(), g
 
 
-requires_cxx = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
-                                  reason="no C++ compiler: the CPU build of wkv.cu cannot be made")
-
-
-def test_reference_matches_naive_formula():
-    (w, u, k, v), _ = make_inputs(2, 40, 6)
-    args = [x.double().numpy() for x in (w, u, k, v)]
-    assert rel_err(wkv_reference(*args), wkv_naive(*args)) < 1e-12
-    (w, u, k, v), _ = make_inputs(2, 40, 6, extreme=True)
-    args = [x.double().numpy() for x in (w, u, k, v)]
-    assert rel_err(wkv_reference(*args), wkv_naive(*args)) < 1e-10
-
-
-def test_torch_rnn_float64_matches_reference():
-    (w, u, k, v), _ = make_inputs(3, 50, 7, extreme=True)
-    y = facerwkv.wkv_torch(*(x.double() for x in (w, u, k, v)))
-    assert rel_err(y, wkv_reference(*(x.double().numpy() for x in (w, u, k, v)))) < 1e-12
-
-
-def test_torch_rnn_gradcheck_float64():
-    (w, u, k, v), _ = make_inputs(2, 6, 3)
-    xs = [x.double().requires_grad_() for x in (w, u, k, v)]
-    assert torch.autograd.gradcheck(facerwkv.wkv_torch, xs)
+def assert_grads_close(g, g_ref, tol):
+    """The gradients of w, u, k and v are finite and within tol of the float64 reference's."""
+    for name, a, b in zip("wukv", g, g_ref):
+        a = a.cpu()
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a, b) <= tol, (name, rel_err(a, b))
 
 
 CASES = [  # (B, T, C, extreme, y tolerance, gradient tolerance)
@@ -133,6 +138,32 @@ CASES = [  # (B, T, C, extreme, y tolerance, gradient tolerance)
 ]
 
 
+# ---- WKV: the references -------------------------------------------------------------------------
+
+def test_wkv_reference_matches_naive_formula():
+    for extreme, tol in ((False, 1e-12), (True, 1e-10)):
+        inputs, _ = make_inputs(2, 40, 6, extreme=extreme)
+        assert rel_err(wkv_reference(*numpy64(inputs)), wkv_naive(*numpy64(inputs))) < tol
+
+
+def test_wkv_torch_rnn_float64_matches_reference():
+    inputs, _ = make_inputs(3, 50, 7, extreme=True)
+    y = facerwkv.wkv_torch(*(x.double() for x in inputs))
+    assert rel_err(y, wkv_reference(*numpy64(inputs))) < 1e-12
+
+
+def test_wkv_torch_rnn_gradcheck_float64():
+    inputs, _ = make_inputs(2, 6, 3)
+    xs = [x.double().requires_grad_() for x in inputs]
+    assert torch.autograd.gradcheck(facerwkv.wkv_torch, xs)
+
+
+# ---- WKV: wkv.cu on the CPU (g++ behind a CUDA shim) and the torch fallback ----------------------
+
+requires_cxx = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                                  reason="no C++ compiler: the CPU build of wkv.cu cannot be made")
+
+
 @pytest.mark.parametrize("backend", ["kernel", "torch"])
 @pytest.mark.parametrize("B,T,C,extreme,ytol,gtol", CASES)
 def test_wkv_matches_float64_reference(backend, B, T, C, extreme, ytol, gtol):
@@ -140,30 +171,27 @@ def test_wkv_matches_float64_reference(backend, B, T, C, extreme, ytol, gtol):
         pytest.skip("no C++ compiler: the CPU build of wkv.cu is unavailable")
     inputs, gy = make_inputs(B, T, C, extreme=extreme, seed=B * T + C)
     y_ref, g_ref = grads(lambda *a: wkv_naive(*a, lib=torch), inputs, gy, torch.float64)
-    assert rel_err(y_ref, wkv_reference(*(x.double().numpy() for x in inputs))) < 1e-10
+    assert rel_err(y_ref, wkv_reference(*numpy64(inputs))) < 1e-10
     y, g = grads(lambda *a: facerwkv.wkv(*a, backend=backend), inputs, gy, torch.float32)
     assert y.dtype == torch.float32 and torch.isfinite(y).all()
     assert rel_err(y, y_ref) <= ytol
-    for name, a, b in zip("wukv", g, g_ref):
-        assert torch.isfinite(a).all(), name
-        assert rel_err(a, b) <= gtol, (name, rel_err(a, b))
+    assert_grads_close(g, g_ref, gtol)
 
 
 @requires_cxx
 @pytest.mark.parametrize("extreme", [False, True])
-def test_cpu_kernel_long_sequence(extreme):
+def test_wkv_cpu_kernel_long_sequence(extreme):
     # T = 4096: no compile-time cap on T; the float64 torch RNN (checked above) is the reference
     inputs, gy = make_inputs(1, 4096, 8, extreme=extreme, seed=7)
     y_ref, g_ref = grads(facerwkv.wkv_torch, inputs, gy, torch.float64)
     y, g = grads(lambda *a: facerwkv.wkv(*a, backend="kernel"), inputs, gy, torch.float32)
     ytol, gtol = (1e-4, 1e-3) if extreme else (1e-5, 1e-4)
     assert rel_err(y, y_ref) <= ytol
-    for name, a, b in zip("wukv", g, g_ref):
-        assert torch.isfinite(a).all() and rel_err(a, b) <= gtol, (name, rel_err(a, b))
+    assert_grads_close(g, g_ref, gtol)
 
 
 @requires_cxx
-def test_emulated_kernel_called_directly():
+def test_wkv_emulated_kernel_called_directly():
     # the unmodified wkv.cu, built by g++ behind the CUDA shim, called through ctypes on numpy
     lib = facerwkv.cpu_kernels()
     (w, u, k, v), gy = make_inputs(3, 45, 7, seed=3)
@@ -198,17 +226,10 @@ def test_wkv_dtypes_and_errors():
         facerwkv.wkv(w, u, k, v, backend="cuda-please")
 
 
+# ---- WKV: wkv.cu for the GPU (nvcc and NVRTC builds, a CUDA device) ------------------------------
+
 def _nvcc():
     return shutil.which("nvcc")
-
-
-@pytest.mark.skipif(_nvcc() is None, reason="nvcc is not installed")
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_wkv_cu_compiles_with_nvcc(arch, tmp_path):
-    out = subprocess.run([_nvcc(), f"-arch={arch}", "-cubin", "-o", str(tmp_path / "wkv.cubin"),
-                          facerwkv.WKV_CU], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert (tmp_path / "wkv.cubin").stat().st_size > 0
 
 
 def _nvrtc():
@@ -218,6 +239,25 @@ def _nvrtc():
         return nvrtc
     except Exception:  # cupy missing, or no NVRTC library next to it
         return None
+
+
+def _gpu_reason():
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return "cupy is not installed"
+    return None
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_wkv_cu_compiles_with_nvcc(arch, tmp_path):
+    out = subprocess.run([_nvcc(), f"-arch={arch}", "-cubin", "-o", str(tmp_path / "wkv.cubin"),
+                          facerwkv.WKV_CU], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "wkv.cubin").stat().st_size > 0
 
 
 @pytest.mark.skipif(_nvrtc() is None, reason="cupy with an NVRTC library is not installed")
@@ -236,29 +276,18 @@ def test_wkv_cu_compiles_with_nvrtc(arch):
     assert ".entry wkv_forward" in ptx and ".entry wkv_backward" in ptx
 
 
-def _gpu_reason():
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        return "cupy is not installed"
-    return None
-
-
 @pytest.mark.skipif(_gpu_reason() is not None, reason=f"GPU path: {_gpu_reason()}")
 @pytest.mark.parametrize("B,T,C,extreme,ytol,gtol", CASES + [(2, 4096, 40, True, 1e-4, 1e-3)])
-def test_cuda_kernel_matches_reference(B, T, C, extreme, ytol, gtol):
+def test_wkv_cuda_kernel_matches_reference(B, T, C, extreme, ytol, gtol):
     inputs, gy = make_inputs(B, T, C, extreme=extreme, seed=B * T + C)
     y_ref, g_ref = grads(facerwkv.wkv_torch, inputs, gy, torch.float64)
     cuda = [x.cuda() for x in inputs]
     y, g = grads(facerwkv.wkv, cuda, gy.cuda(), torch.float32)
     assert rel_err(y.cpu(), y_ref) <= ytol
-    for name, a, b in zip("wukv", g, g_ref):
-        assert torch.isfinite(a).all() and rel_err(a.cpu(), b) <= gtol, name
+    assert_grads_close(g, g_ref, gtol)
 
 
-# ----------------------------------------------------------------------------- the model
+# ---- The model (-k test_model) -------------------------------------------------------------------
 # 40x60 images with 10x10 patches: a 4x6 grid, T = 24. Hybrid: stem map 10x15, 5x5 patches, T = 6.
 TINY = dict(n_layer=2, n_embd=32, patch_size=10, img_size=(40, 60), n_classes=7)
 HYBRID = dict(TINY, backbone="resnet50", patch_size=5)
@@ -273,8 +302,7 @@ VARIANTS = {
     "dim_att_ffn": dict(TINY, dim_att=4, dim_ffn=80, n_layer=3),
     "one_token": dict(TINY, img_size=(10, 10)),
     "one_layer": dict(TINY, n_layer=1),
-}
-RNN_VARIANTS = VARIANTS
+}  # each of these has an RNN mode; the transformer has none
 ALL_VARIANTS = dict(VARIANTS, transformer=dict(TINY, mixer="transformer", n_head=4))
 
 
@@ -297,11 +325,11 @@ def images(config, batch=2, seed=0):
     return torch.rand(batch, 3, *config.img_size, generator=torch.Generator().manual_seed(seed))
 
 
-# ---------------------------------------------------------------------------------------------
-# The RWKV-4 block against the equations of the RWKV paper, written out naively in float64
+# ---- model: the RWKV-4 block against the paper's equations, written out naively in float64 -------
 
 def naive_rwkv4_block(p, x):
-    """x: (T, C) one sequence; p: the block's state dict. Every equation spelled out, O(T^2) WKV."""
+    """x: (T, C) one sequence; p: the block's state dict. Every equation spelled out; the WKV is
+    wkv_naive, the formula summed term by term."""
     def layer_norm(x, w, b):
         mu = x.mean(-1, keepdim=True)
         var = ((x - mu) ** 2).mean(-1, keepdim=True)
@@ -313,21 +341,12 @@ def naive_rwkv4_block(p, x):
     def mix(x, m):
         return x * m.view(-1) + shift(x) * (1 - m.view(-1))
 
-    T = x.shape[0]
     h = layer_norm(x, p["ln1.weight"], p["ln1.bias"])
     k = mix(h, p["att.time_mix_k"]) @ p["att.key.weight"].T
     v = mix(h, p["att.time_mix_v"]) @ p["att.value.weight"].T
     r = mix(h, p["att.time_mix_r"]) @ p["att.receptance.weight"].T
     w, u = torch.exp(p["att.time_decay"]), p["att.time_first"]
-    wkv = torch.zeros_like(k)
-    for t in range(T):
-        num = torch.exp(u + k[t]) * v[t]
-        den = torch.exp(u + k[t])
-        for i in range(t):
-            weight = torch.exp(-(t - 1 - i) * w + k[i])
-            num = num + weight * v[i]
-            den = den + weight
-        wkv[t] = num / den
+    wkv = wkv_naive(w, u, k[None], v[None], lib=torch)[0]
     x = x + (torch.sigmoid(r) * wkv) @ p["att.output.weight"].T
     h = layer_norm(x, p["ln2.weight"], p["ln2.bias"])
     kk = torch.relu(mix(h, p["ffn.time_mix_k"]) @ p["ffn.key.weight"].T) ** 2
@@ -335,7 +354,7 @@ def naive_rwkv4_block(p, x):
     return x + torch.sigmoid(rr) * (kk @ p["ffn.value.weight"].T)
 
 
-def test_block_matches_rwkv4_equations():
+def test_model_block_matches_rwkv4_equations():
     torch.manual_seed(0)
     config = FaceRWKVConfig(**dict(TINY, n_embd=16, dim_att=12, dim_ffn=40))
     block = perturb_(Block(config, layer_id=1), scale=0.3).double()
@@ -353,7 +372,7 @@ def test_block_matches_rwkv4_equations():
     assert (rnn - expected).abs().max() <= 1e-10 * expected.abs().max()  # float64 all the way
 
 
-def test_block_parameter_names_and_shapes_are_the_reference():
+def test_model_block_parameter_names_and_shapes_are_the_reference():
     config = FaceRWKVConfig(**dict(TINY, n_embd=16, dim_att=12, dim_ffn=40))
     shapes = {k: tuple(v.shape) for k, v in Block(config, 0).state_dict().items()}
     C, A, Fh = 16, 12, 40
@@ -370,7 +389,7 @@ def test_block_parameter_names_and_shapes_are_the_reference():
     assert "blocks.1.att.time_decay" in model.state_dict()
 
 
-def test_fancy_init():
+def test_model_fancy_init():
     config = FaceRWKVConfig(**dict(TINY, n_layer=3, n_embd=8))
     d, L = 8, 3
     for layer in range(L):
@@ -393,13 +412,12 @@ def test_fancy_init():
         assert torch.equal(Block(config, 1)(x), x)
 
 
-# ---------------------------------------------------------------------------------------------
-# RNN mode == parallel mode
+# ---- model: RNN mode equals parallel mode --------------------------------------------------------
 
-@pytest.mark.parametrize("name", list(RNN_VARIANTS))
-def test_forward_rnn_equals_forward(name):
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_model_forward_rnn_equals_forward(name):
     torch.manual_seed(0)
-    config = FaceRWKVConfig(**RNN_VARIANTS[name])
+    config = FaceRWKVConfig(**VARIANTS[name])
     model = perturb_(FaceRWKV(config)).eval()
     x = images(config)
     with torch.no_grad():
@@ -409,7 +427,7 @@ def test_forward_rnn_equals_forward(name):
     assert (rnn - parallel).abs().max() <= 1e-5 * parallel.abs().max()
 
 
-def test_rnn_state_size_does_not_depend_on_tokens():
+def test_model_rnn_state_size_does_not_depend_on_tokens():
     sizes = []
     for img_size in ((10, 10), (40, 60), (80, 120)):
         model = FaceRWKV(FaceRWKVConfig(**dict(TINY, img_size=img_size)))
@@ -418,17 +436,16 @@ def test_rnn_state_size_does_not_depend_on_tokens():
     assert sizes[0] == sizes[1] == sizes[2] == 2 * 2 * 5 * 32  # B * layers * (5 vectors of d)
 
 
-def test_transformer_has_no_rnn_mode():
+def test_model_transformer_has_no_rnn_mode():
     config = FaceRWKVConfig(**ALL_VARIANTS["transformer"])
     with pytest.raises(ValueError, match="no RNN mode"):
         FaceRWKV(config).forward_rnn(images(config))
 
 
-# ---------------------------------------------------------------------------------------------
-# Every variant builds, runs forward and backward, and trains a step
+# ---- model: every variant builds, runs forward and backward, and trains a step -------------------
 
 @pytest.mark.parametrize("name", list(ALL_VARIANTS))
-def test_variant_forward_backward(name):
+def test_model_variant_forward_backward(name):
     torch.manual_seed(0)
     config = FaceRWKVConfig(**ALL_VARIANTS[name])
     model = FaceRWKV(config).train()
@@ -449,7 +466,7 @@ def test_variant_forward_backward(name):
         assert sum(p.numel() for p in model.blocks.parameters()) == 0
 
 
-def test_one_token_model():
+def test_model_one_token():
     config = FaceRWKVConfig(**dict(TINY, img_size=(10, 10)))
     assert config.n_tokens == 1
     model = perturb_(FaceRWKV(config)).eval()
@@ -457,7 +474,7 @@ def test_one_token_model():
     assert model(x).shape == (2, 7)
 
 
-def test_patches_in_raster_order():
+def test_model_patches_in_raster_order():
     config = FaceRWKVConfig(**dict(TINY, img_size=(20, 30)))  # 2x3 patches
     model = FaceRWKV(config)
     x = torch.zeros(1, 3, 20, 30)
@@ -466,7 +483,7 @@ def test_patches_in_raster_order():
     assert changed.nonzero().flatten().tolist() == [3]
 
 
-def test_wrong_image_shape_is_a_clear_error():
+def test_model_wrong_image_shape_is_a_clear_error():
     model = FaceRWKV(FaceRWKVConfig(**TINY))
     with pytest.raises(ValueError, match=r"\(B, 3, 40, 60\)"):
         model(torch.rand(2, 3, 60, 40))
@@ -474,7 +491,7 @@ def test_wrong_image_shape_is_a_clear_error():
         model(torch.rand(3, 40, 60))
 
 
-def test_param_summary_and_counts():
+def test_model_param_summary_and_counts():
     model = FaceRWKV(FaceRWKVConfig(**dict(HYBRID, freeze_backbone=True)))
     stem = 64 * 3 * 7 * 7 + 2 * 64
     assert model.num_params() - model.num_params(trainable_only=True) == stem
@@ -487,8 +504,7 @@ def test_param_summary_and_counts():
     assert FaceRWKV(FaceRWKVConfig.preset("small")).num_params() == expected
 
 
-# ---------------------------------------------------------------------------------------------
-# ResNet50 stem: torchvision keys, loading, freezing
+# ---- model: the ResNet50 stem (torchvision keys, loading, freezing) ------------------------------
 
 def fake_torchvision_resnet50(seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -505,14 +521,14 @@ def fake_torchvision_resnet50(seed=0):
     }
 
 
-def test_stem_keys_are_torchvision_keys():
+def test_model_stem_keys_are_torchvision_keys():
     model = FaceRWKV(FaceRWKVConfig(**HYBRID))
     assert set(model.backbone.state_dict()) == {
         "conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var", "bn1.num_batches_tracked"}
     assert model.backbone(torch.rand(1, 3, 40, 60)).shape == (1, 64, 10, 15)
 
 
-def test_load_backbone_weights(tmp_path):
+def test_model_load_backbone_weights(tmp_path):
     sd = fake_torchvision_resnet50()
     path = tmp_path / "resnet50.pth"
     torch.save(sd, path)
@@ -529,7 +545,7 @@ def test_load_backbone_weights(tmp_path):
     assert torch.equal(other.backbone.conv1.weight, sd["conv1.weight"])
 
 
-def test_load_backbone_weights_errors(tmp_path):
+def test_model_load_backbone_weights_errors(tmp_path):
     model = FaceRWKV(FaceRWKVConfig(**HYBRID))
     with pytest.raises(FileNotFoundError, match="not found"):
         model.load_backbone_weights(tmp_path / "nope.pth")
@@ -550,7 +566,7 @@ def test_load_backbone_weights_errors(tmp_path):
         FaceRWKV(FaceRWKVConfig(**TINY)).load_backbone_weights(tmp_path / "shape.pth")
 
 
-def test_frozen_stem_gets_no_gradient_and_keeps_bn_stats(tmp_path):
+def test_model_frozen_stem_gets_no_gradient_and_keeps_bn_stats(tmp_path):
     torch.save(fake_torchvision_resnet50(), tmp_path / "r50.pth")
     frozen = FaceRWKV(FaceRWKVConfig(**dict(HYBRID, freeze_backbone=True)))
     frozen.load_backbone_weights(tmp_path / "r50.pth")
@@ -572,10 +588,9 @@ def test_frozen_stem_gets_no_gradient_and_keeps_bn_stats(tmp_path):
     assert not torch.equal(model.backbone.bn1.running_mean, mean_before)
 
 
-# ---------------------------------------------------------------------------------------------
-# Config
+# ---- model: the config ---------------------------------------------------------------------------
 
-def test_presets_and_tokens():
+def test_model_presets_and_tokens():
     for name, (L, d) in {"small": (2, 128), "medium": (4, 256), "large": (6, 512), "hybrid": (6, 512)}.items():
         c = FaceRWKVConfig.preset(name)
         assert (c.n_layer, c.n_embd, c.dim_att, c.dim_ffn, c.n_tokens) == (L, d, d, 4 * d, 600)
@@ -584,7 +599,7 @@ def test_presets_and_tokens():
     assert FaceRWKVConfig.preset("small", pool="mean").pool == "mean"
 
 
-def test_config_json_round_trip():
+def test_model_config_json_round_trip():
     config = FaceRWKVConfig.preset("hybrid", freeze_backbone=True, pos_emb=True, img_size=[200, 300])
     again = FaceRWKVConfig(**json.loads(json.dumps(asdict(config))))
     assert again == config and again.img_size == (200, 300)
@@ -603,17 +618,17 @@ def test_config_json_round_trip():
     (dict(freeze_backbone=True), "backbone='resnet50'"),
     (dict(n_classes=1), "n_classes"),
 ])
-def test_config_errors(overrides, message):
+def test_model_config_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
         FaceRWKVConfig(**dict(TINY, **overrides))
 
 
-def test_unknown_preset():
+def test_model_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset 'huge'; use one of"):
         FaceRWKVConfig.preset("huge")
 
 
-# ----------------------------------------------------------------------------- the data
+# ---- The data (-k test_data) ---------------------------------------------------------------------
 # each class gets a distinct solid colour, so a loaded image tells which label it must carry
 COLORS = [(200, 0, 0), (0, 200, 0), (0, 0, 200), (200, 200, 0), (200, 0, 200), (0, 200, 200), (90, 90, 90)]
 SIZE = (8, 12)  # (H, W) of loaded tensors in these tests
@@ -682,10 +697,9 @@ def check_labels_by_color(ds, classes=CLASSES):
         assert color_of(x) == COLORS[y], f"item {i} labelled {classes[y]} has the wrong colour"
 
 
-# -----------------------------------------------------------------------------
-# formats
+# ---- data: formats -------------------------------------------------------------------------------
 
-def test_caer_loads_with_class_order_splits_and_summary(tmp_path):
+def test_data_caer_loads_with_class_order_splits_and_summary(tmp_path):
     root = make_caer(tmp_path / "caer", n_train=10, n_test=3)
     s = load_datasets(root, img_size=SIZE)
     assert s.info["format"] == "caer" and s.classes == CLASSES
@@ -698,7 +712,7 @@ def test_caer_loads_with_class_order_splits_and_summary(tmp_path):
         assert c in text
 
 
-def test_caer_accepts_angry_and_ignores_stray_files(tmp_path):
+def test_data_caer_accepts_angry_and_ignores_stray_files(tmp_path):
     root = make_caer(tmp_path / "caer", n_train=4, n_test=2, angry=True)
     for junk in (".DS_Store", "Thumbs.db", "desktop.ini", "notes.txt", "._0000.png"):
         (tmp_path / "caer" / "train" / "Angry" / junk).write_bytes(b"junk")
@@ -710,7 +724,7 @@ def test_caer_accepts_angry_and_ignores_stray_files(tmp_path):
     assert s.info["ignored"] == 3  # Thumbs.db, desktop.ini, notes.txt; hidden files are not even counted
 
 
-def test_folder_tree_sorted_classes_same_map_every_split(tmp_path):
+def test_data_folder_tree_sorted_classes_one_map_every_split(tmp_path):
     names = ["zebra", "apple", "mango"]
     for split, n in (("train", 5), ("val", 2), ("test", 2)):
         for c in names:
@@ -725,7 +739,7 @@ def test_folder_tree_sorted_classes_same_map_every_split(tmp_path):
         check_labels_by_color(ds, s.classes)
 
 
-def test_flat_folder_tree_gets_stratified_val_and_test(tmp_path):
+def test_data_flat_folder_tree_gets_stratified_val_and_test(tmp_path):
     for y, c in enumerate(["b", "a"]):
         for i in range(10):
             write_img(str(tmp_path / c / f"{i}.png"), COLORS[1 - y])
@@ -737,7 +751,7 @@ def test_flat_folder_tree_gets_stratified_val_and_test(tmp_path):
     assert not (paths[0] & paths[1]) and not (paths[0] & paths[2]) and not (paths[1] & paths[2])
 
 
-def test_rafdb_labels_mapped_to_class_order(tmp_path):
+def test_data_rafdb_labels_mapped_to_class_order(tmp_path):
     root = make_rafdb(tmp_path / "raf")
     s = load_datasets(root, img_size=SIZE)
     assert s.info["format"] == "rafdb" and s.classes == CLASSES
@@ -746,7 +760,7 @@ def test_rafdb_labels_mapped_to_class_order(tmp_path):
         check_labels_by_color(ds)
 
 
-def test_fer2013_usage_splits_grey_to_rgb_and_label_map(tmp_path):
+def test_data_fer2013_usage_splits_grey_to_rgb_and_label_map(tmp_path):
     root = make_fer(tmp_path)
     for path in (root, os.path.join(root, "fer2013.csv")):
         s = load_datasets(path, img_size=(48, 48))
@@ -762,7 +776,7 @@ def test_fer2013_usage_splits_grey_to_rgb_and_label_map(tmp_path):
                 assert round(x[0, 0, 0].item() * 255) == 30 * fer_label + 10
 
 
-def test_explicit_format_wins(tmp_path):
+def test_data_explicit_format_wins(tmp_path):
     root = make_caer(tmp_path / "caer", n_train=3, n_test=1)
     s = load_datasets(root, fmt="folder", img_size=SIZE)
     assert s.info["format"] == "folder" and s.classes == tuple(sorted(CLASSES))
@@ -770,10 +784,9 @@ def test_explicit_format_wins(tmp_path):
         load_datasets(root, fmt="imagenet")
 
 
-# -----------------------------------------------------------------------------
-# splits and sanity subset
+# ---- data: splits and the sanity subset ----------------------------------------------------------
 
-def test_stratified_split_properties():
+def test_data_stratified_split_properties():
     labels = [0] * 50 + [1] * 30 + [2] * 20
     keep, held = data.stratified_split(labels, 0.1, seed=3)
     assert set(keep).isdisjoint(held) and sorted(keep + held) == list(range(100))
@@ -782,7 +795,7 @@ def test_stratified_split_properties():
     assert data.stratified_split(labels, 0.1, seed=4)[1] != held
 
 
-def test_val_is_moved_out_of_train_and_seeded(tmp_path):
+def test_data_val_is_moved_out_of_train_and_seeded(tmp_path):
     root = make_caer(tmp_path / "caer", n_train=20, n_test=1)
     a, b, c = (load_datasets(root, img_size=SIZE, seed=s) for s in (0, 0, 1))
     assert set(a.train.indices).isdisjoint(a.val.indices)
@@ -790,7 +803,7 @@ def test_val_is_moved_out_of_train_and_seeded(tmp_path):
     assert a.val.indices == b.val.indices and a.val.indices != c.val.indices
 
 
-def test_sanity_subset(tmp_path):
+def test_data_sanity_subset(tmp_path):
     root = make_caer(tmp_path / "caer", n_train=6, n_test=2)
     s = load_datasets(root, img_size=SIZE, sanity_per_class=2)
     assert s.counts() == {"train": [2] * 7, "val": [2] * 7, "test": [2] * 7}
@@ -798,10 +811,9 @@ def test_sanity_subset(tmp_path):
     check_labels_by_color(s.train)
 
 
-# -----------------------------------------------------------------------------
-# bad data
+# ---- data: bad data ------------------------------------------------------------------------------
 
-def test_missing_root_and_split(tmp_path):
+def test_data_missing_root_and_split(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_datasets(str(tmp_path / "nope"))
     root = make_caer(tmp_path / "caer", n_train=2, n_test=1)
@@ -814,7 +826,7 @@ def test_missing_root_and_split(tmp_path):
         load_datasets(root, fmt="caer", img_size=SIZE)
 
 
-def test_empty_class_folder(tmp_path):
+def test_data_empty_class_folder(tmp_path):
     root = make_caer(tmp_path / "caer", n_train=2, n_test=1)
     for f in os.listdir(tmp_path / "caer" / "train" / "Fear"):
         os.remove(tmp_path / "caer" / "train" / "Fear" / f)
@@ -822,7 +834,7 @@ def test_empty_class_folder(tmp_path):
         load_datasets(root, img_size=SIZE)
 
 
-def test_unknown_class_folder_lists_expected_names(tmp_path):
+def test_data_unknown_class_folder_lists_expected_names(tmp_path):
     root = make_caer(tmp_path / "caer", n_train=2, n_test=1)
     os.rename(tmp_path / "caer" / "train" / "Sad", tmp_path / "caer" / "train" / "Sadd")
     with pytest.raises(DataError) as e:
@@ -830,7 +842,7 @@ def test_unknown_class_folder_lists_expected_names(tmp_path):
     assert "Sadd" in str(e.value) and all(c in str(e.value) for c in CLASSES)
 
 
-def test_non_image_file_named_or_skipped(tmp_path):
+def test_data_non_image_file_named_or_skipped(tmp_path):
     root = make_caer(tmp_path / "caer", n_train=3, n_test=1)
     bad = tmp_path / "caer" / "train" / "Happy" / "broken.png"
     bad.write_bytes(b"this is not a png")
@@ -841,7 +853,7 @@ def test_non_image_file_named_or_skipped(tmp_path):
     assert sum(s.counts()["train"]) + sum(s.counts()["val"]) == 21
 
 
-def test_truncated_file_named_at_read_or_skipped(tmp_path):
+def test_data_truncated_file_named_at_read_or_skipped(tmp_path):
     root = make_caer(tmp_path / "caer", n_train=3, n_test=1)
     path = tmp_path / "caer" / "test" / "Sad" / "0000.png"
     noise = np.random.default_rng(0).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
@@ -859,7 +871,7 @@ def test_truncated_file_named_at_read_or_skipped(tmp_path):
     assert "1 while reading" in s.summary()
 
 
-def test_file_vanishing_mid_epoch(tmp_path):
+def test_data_file_vanishing_mid_epoch(tmp_path):
     root = make_caer(tmp_path / "caer", n_train=3, n_test=1)
     s = load_datasets(root, img_size=SIZE)
     s_skip = load_datasets(root, img_size=SIZE, skip_bad_images=True)
@@ -877,7 +889,7 @@ def test_file_vanishing_mid_epoch(tmp_path):
     assert s.train.runtime_skipped == [victim] and any(victim in str(w.message) for w in caught)
 
 
-def test_rafdb_malformed_line_and_label_out_of_range(tmp_path):
+def test_data_rafdb_malformed_line_and_label_out_of_range(tmp_path):
     root = make_rafdb(tmp_path / "raf", n_train=3, n_test=1)
     label_file = os.path.join(root, "EmoLabel", "list_patition_label.txt")
     good = open(label_file).read()
@@ -893,7 +905,7 @@ def test_rafdb_malformed_line_and_label_out_of_range(tmp_path):
     assert len(s.info["skipped"]) == 1
 
 
-def test_fer2013_bad_rows_named_by_line(tmp_path):
+def test_data_fer2013_bad_rows_named_by_line(tmp_path):
     cases = [(fer_row(9, "Training"), "out of range"), ("3,1 2 3,Training", "2304"),
              ("x," + " ".join(["1"] * 2304) + ",Training", "malformed"), (fer_row(1, "Other"), "Usage"),
              (fer_row(1, "Training", value=300), "0..255")]
@@ -905,17 +917,16 @@ def test_fer2013_bad_rows_named_by_line(tmp_path):
         assert len(s.info["skipped"]) == 1 and sum(s.counts()["train"]) == 35
 
 
-def test_bad_img_size_and_val_fraction():
+def test_data_bad_img_size_and_val_fraction():
     with pytest.raises(DataError, match="img_size"):
         load_datasets(None, img_size=(0, 10))
     with pytest.raises(DataError, match="val_fraction"):
         load_datasets(None, val_fraction=1.5)
 
 
-# -----------------------------------------------------------------------------
-# transforms and mode conversion
+# ---- data: transforms and mode conversion --------------------------------------------------------
 
-def test_mode_conversions_to_rgb():
+def test_data_mode_conversions_to_rgb():
     rgb = data.to_rgb
     assert rgb(Image.new("L", (2, 2), 77)).getpixel((0, 0)) == (77, 77, 77)
     assert rgb(Image.new("1", (2, 2), 1)).getpixel((0, 0)) == (255, 255, 255)
@@ -938,7 +949,7 @@ def test_mode_conversions_to_rgb():
         assert rgb(im).mode == "RGB"
 
 
-def test_transform_resize_range_normalize_and_flip():
+def test_data_transform_resize_range_normalize_and_flip():
     img = Image.fromarray(np.linspace(0, 255, 6 * 9 * 3).reshape(6, 9, 3).astype(np.uint8))
     x = data.ImageTransform((8, 12))(img)
     assert x.shape == (3, 8, 12) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
@@ -951,7 +962,7 @@ def test_transform_resize_range_normalize_and_flip():
     assert any(torch.equal(f, x.flip(-1)) for f in flips) and any(torch.equal(f, x) for f in flips)
 
 
-def test_load_image_for_predict(tmp_path):
+def test_data_load_image_for_predict(tmp_path):
     path = str(tmp_path / "face.gif")
     Image.new("P", (30, 20), 3).save(path)
     x = data.load_image(path, (8, 12))
@@ -960,10 +971,9 @@ def test_load_image_for_predict(tmp_path):
         data.load_image(str(tmp_path / "missing.png"), (8, 12))
 
 
-# -----------------------------------------------------------------------------
-# synthetic faces
+# ---- data: synthetic faces, and loaders with workers ---------------------------------------------
 
-def test_synthetic_deterministic_and_varied():
+def test_data_synthetic_deterministic_and_varied():
     s1 = load_datasets(None, img_size=(24, 36), synthetic_size=(3, 2), seed=5)
     s2 = load_datasets(None, img_size=(24, 36), synthetic_size=(3, 2), seed=5)
     s3 = load_datasets(None, img_size=(24, 36), synthetic_size=(3, 2), seed=6)
@@ -979,7 +989,7 @@ def test_synthetic_deterministic_and_varied():
     assert np.asarray(img_a).tobytes() != np.asarray(img_b).tobytes()  # splits are different streams
 
 
-def test_synthetic_drawn_ahead_by_processes_equals_drawn_on_demand():
+def test_data_synthetic_drawn_ahead_by_processes_equals_drawn_on_demand():
     lazy = load_datasets(None, img_size=(24, 36), synthetic_size=(3, 2), seed=4)
     ahead = load_datasets(None, img_size=(24, 36), synthetic_size=(3, 2), seed=4, synthetic_processes=2)
     assert lazy.info["drawn"] is None and not lazy.train.source.cache
@@ -996,13 +1006,13 @@ def test_synthetic_drawn_ahead_by_processes_equals_drawn_on_demand():
     assert sanity.info["drawn"]["images"] == 7 and len(sanity.train.source.cache) == 7
 
 
-def test_synthetic_any_resolution():
+def test_data_synthetic_any_resolution():
     for size in ((17, 23), (64, 40), (200, 300)):
         img, label = data.synthetic_face(0, "train", 3, size)
         assert img.size == (size[1], size[0]) and img.mode == "RGB" and label == 3
 
 
-def test_export_synthetic_roundtrip(tmp_path):
+def test_data_export_synthetic_roundtrip(tmp_path):
     out = data.export_synthetic(str(tmp_path / "synth"), train_per_class=3, test_per_class=1, img_size=(24, 36), seed=2)
     s = load_datasets(out, img_size=(24, 36), val_fraction=0.0)
     assert s.info["format"] == "caer" and s.counts()["train"] == [3] * 7 and s.counts()["test"] == [1] * 7
@@ -1014,7 +1024,7 @@ def test_export_synthetic_roundtrip(tmp_path):
         assert torch.equal(x, data.ImageTransform((24, 36))(img))
 
 
-def test_dataloader_with_workers(tmp_path):
+def test_data_loader_with_workers(tmp_path):
     root = make_caer(tmp_path / "caer", n_train=4, n_test=2)
     for s in (load_datasets(root, img_size=SIZE), load_datasets(None, img_size=(16, 24), synthetic_size=(2, 2))):
         loader = torch.utils.data.DataLoader(s.test, batch_size=4, num_workers=2)
@@ -1023,15 +1033,33 @@ def test_dataloader_with_workers(tmp_path):
         assert torch.cat(ys).tolist() == s.test.labels
 
 
-# ----------------------------------------------------------------------------- train.py
+# ---- train.py (-k test_train) --------------------------------------------------------------------
 HERE = Path(__file__).resolve().parent
 # 7 classes x 4 train / 2 test faces of 32x48, 24 tokens, d=16: a step takes milliseconds
 TINY_ARGS = ["--img-size", "32", "48", "--patch-size", "8", "--n-layer", "1", "--n-embd", "16",
-        "--synthetic-size", "4", "2", "--batch-size", "8", "--workers", "0", "--log-every", "1"]
+             "--synthetic-size", "4", "2", "--batch-size", "8", "--workers", "0", "--log-every", "1"]
 
 
 def run(tmp, name, *extra):
     return train.main([*TINY_ARGS, "--out", str(tmp), "--name", name, *extra])
+
+
+def expect_exit_2(capsys, argv, *words):
+    """train.py exits with status 2 and a message naming words, not a traceback."""
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and all(w in err for w in words), err
+
+
+def torchrun(*argv, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(HERE / "train.py"), *TINY_ARGS, *argv]
+    done = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
 
 
 @pytest.fixture(scope="module")
@@ -1040,7 +1068,7 @@ def tiny_run(tmp_path_factory):
     return run(out, "tiny", "--epochs", "2")
 
 
-def test_tiny_run_end_to_end(tiny_run):
+def test_train_tiny_run_end_to_end(tiny_run):
     run_dir = Path(tiny_run["run_dir"])
     for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "test_metrics.json", "confusion.csv",
                  "summary.json"):
@@ -1055,7 +1083,7 @@ def test_tiny_run_end_to_end(tiny_run):
     assert (run_dir / "confusion.csv").read_text().splitlines()[0].split(",")[1:] == list(data.CLASSES)
 
 
-def test_schedule_warmup_then_cosine_per_step():
+def test_train_schedule_warmup_then_cosine_per_step():
     w, total = 10, 50
     f = [train.lr_factor(s, w, total) for s in range(total)]
     assert f[0] == pytest.approx(0.1) and f[w] == pytest.approx(1.0)
@@ -1073,7 +1101,7 @@ def test_schedule_warmup_then_cosine_per_step():
     assert lrs == pytest.approx([1e-3 * x for x in f])
 
 
-def test_clipping_happens_after_backward():
+def test_train_clipping_happens_after_backward():
     model = torch.nn.Linear(4, 7)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     sched = train.make_scheduler(opt, 1, 10)
@@ -1087,7 +1115,7 @@ def test_clipping_happens_after_backward():
     assert seen[-1] == pytest.approx(1.0, rel=1e-4)  # the optimizer sees the clipped gradient
 
 
-def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
+def test_train_killed_and_resumed_run_matches_uninterrupted(tmp_path):
     # 28 train images - 7 val = 21 -> 3 steps per epoch, 9 in all; last.pt every 2 steps and per epoch
     common = ["--epochs", "3", "--save-every-steps", "2", "--hflip"]
     full = run(tmp_path, "full", *common)
@@ -1107,7 +1135,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
     assert list(map(strip, rows("full"))) == list(map(strip, rows("killed")))
 
 
-def test_eval_only_and_predict(tiny_run, tmp_path, capsys):
+def test_train_eval_only_and_predict(tiny_run, tmp_path, capsys):
     ckpt = Path(tiny_run["run_dir"]) / "best.pt"
     result = train.main(["--eval-only", str(ckpt)])
     assert result["test_acc"] == tiny_run["test_acc"] and result["n"] == 14
@@ -1131,14 +1159,14 @@ def test_eval_only_and_predict(tiny_run, tmp_path, capsys):
     assert paths[0] in capsys.readouterr().out
 
 
-def test_inputs_imagenet_normalised_by_default(tiny_run, capsys):
+def test_train_inputs_imagenet_normalised_by_default(tiny_run, capsys):
     config = json.loads((Path(tiny_run["run_dir"]) / "config.json").read_text())
     assert config["model"]["imagenet_norm"] is True and config["data"]["normalize"] is True
     expect_exit_2(capsys, [*TINY_ARGS, "--size", "hybrid", "--backbone-weights", "w.pt", "--no-imagenet-norm"],
                   "ImageNet-normalised")
 
 
-def test_linear_probe_on_pixels(tmp_path, capsys):
+def test_train_linear_probe_on_pixels(tmp_path, capsys):
     # one solid colour per class: a linear classifier on pixels must get every test image right
     root = make_caer(tmp_path / "caer", n_train=10, n_test=3)
     result = train.main([*TINY_ARGS, "--data", root, "--linear-probe", "--epochs", "3", "--no-imagenet-norm"])
@@ -1148,22 +1176,14 @@ def test_linear_probe_on_pixels(tmp_path, capsys):
     assert "test acc 100.00%" in out
 
 
-def test_plot_draws_a_png(tiny_run, tmp_path):
+def test_train_plot_draws_a_png(tiny_run, tmp_path):
     out = tmp_path / "val.png"
     train.main(["--plot", tiny_run["run_dir"], tiny_run["run_dir"], "--plot-out", str(out)])
     with Image.open(out) as im:
         assert im.format == "PNG" and im.width > 600 and im.height > 400
 
 
-def expect_exit_2(capsys, argv, *words):
-    with pytest.raises(SystemExit) as e:
-        train.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and all(w in err for w in words), err
-
-
-def test_clear_errors(tiny_run, tmp_path, capsys):
+def test_train_clear_errors(tiny_run, tmp_path, capsys):
     expect_exit_2(capsys, [*TINY_ARGS, "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path)], "nowhere")
     expect_exit_2(capsys, ["--resume", tiny_run["run_dir"], "--n-embd", "32"], "n_embd=16 (checkpoint) vs 32")
     expect_exit_2(capsys, ["--eval-only", str(tmp_path / "missing.pt")], "no checkpoint")
@@ -1174,16 +1194,7 @@ def test_clear_errors(tiny_run, tmp_path, capsys):
     expect_exit_2(capsys, ["--epochs", "0"], "--epochs")
 
 
-def torchrun(*argv, nproc=2):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(HERE / "train.py"), *TINY_ARGS, *argv]
-    done = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
-
-
-def test_two_processes_count_every_test_image_once(tmp_path):
+def test_train_two_processes_count_every_test_image_once(tmp_path):
     out = torchrun("--epochs", "1", "--out", str(tmp_path), "--name", "ddp")
     assert "processes 2 on cpu, 4 images per process per step" in out
     run_dir = tmp_path / "ddp"
@@ -1194,7 +1205,7 @@ def test_two_processes_count_every_test_image_once(tmp_path):
     assert single["test_acc"] == summary["test_acc"] and single["test_confusion"] == summary["test_confusion"]
 
 
-def test_two_process_checkpoint_resumes_in_one(tmp_path):
+def test_train_two_process_checkpoint_resumes_in_one(tmp_path):
     torchrun("--epochs", "2", "--stop-after-steps", "4", "--out", str(tmp_path), "--name", "ddp")
     assert torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)["step"] == 3  # end of epoch 1
     resumed = train.main(["--resume", str(tmp_path / "ddp")])
@@ -1202,7 +1213,7 @@ def test_two_process_checkpoint_resumes_in_one(tmp_path):
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-def test_benchmark_writes_a_table(tmp_path):
+def test_train_benchmark_writes_a_table(tmp_path):
     # tiny sizes: this checks the machinery (a process per point, ratios, the CSV), not speed
     out = tmp_path / "bench.csv"
     rows = train.main(["--benchmark", "--bench-tokens", "6", "24", "--bench-methods", "rwkv-block",
@@ -1219,3 +1230,127 @@ def test_benchmark_writes_a_table(tmp_path):
     lines = out.read_text().splitlines()
     assert lines[0].startswith("method,tokens,mode,ms,peak_mb") and len(lines) == 1 + len(rows)
     assert train.bench_grid(600) == (20, 30) and train.bench_grid(9600) == (80, 120)
+
+
+# ---- train.py: the rough edges a new user met, and the recipes (SAM, exp schedule, POSTER's) ------
+def test_train_resume_and_eval_only_read_the_checkpoint_once(tmp_path, monkeypatch):
+    run(tmp_path, "r", "--epochs", "1")
+    reads = []
+    real = train.load_checkpoint
+    monkeypatch.setattr(train, "load_checkpoint", lambda *a, **k: reads.append(a) or real(*a, **k))
+    train.main(["--eval-only", str(tmp_path / "r")])
+    assert len(reads) == 1
+    reads.clear()
+    train.main(["--resume", str(tmp_path / "r"), "--epochs", "2"])
+    assert [Path(a[0]).name for a in reads] == ["r", "best.pt"]  # last.pt once; best.pt for the test at the end
+
+
+def test_train_demo_hybrid_without_data_uses_the_stem_patch():
+    """The demo's 48x72 faces map to a 12x18 stem grid: 3x3 stem cells keep the demo's 4x6 tokens."""
+    for argv in (["--size", "hybrid"], ["--backbone", "resnet50"], ["--experiment", "table5-no-rwkv"]):
+        args, _ = train.parse_args(argv)
+        config = train.model_config(args, 7)
+        assert config.patch_size == 3 and config.grid == (4, 6), argv
+    args, _ = train.parse_args([])
+    assert train.model_config(args, 7).grid == (4, 6)
+    args, _ = train.parse_args(["--size", "hybrid", "--data", "x"])  # real data: the preset's patch
+    assert train.model_config(args, 7).patch_size == 5
+
+
+def test_train_plot_with_pillow_before_10_1(tiny_run, tmp_path, monkeypatch):
+    real = ImageFont.load_default
+
+    def old_load_default(**kwargs):
+        if kwargs:
+            raise TypeError("load_default() got an unexpected keyword argument 'size'")
+        return real()
+    monkeypatch.setattr(ImageFont, "load_default", old_load_default)
+    out = tmp_path / "val.png"
+    train.main(["--plot", tiny_run["run_dir"], "--plot-out", str(out)])
+    assert out.stat().st_size > 0
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_train_progress_one_line_in_place_on_a_terminal(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "stdout", FakeTerminal())
+    run(tmp_path, "tty", "--epochs", "1")
+    out = sys.stdout.getvalue()
+    progress = [line for line in out.split("\n") if "img/s" in line]
+    assert len(progress) == 1 and progress[0].count("\r") == 3  # 3 steps, one line rewritten in place
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    run(tmp_path, "pipe", "--epochs", "1")
+    assert sum("img/s" in line and "\r" not in line for line in sys.stdout.getvalue().split("\n")) == 3
+
+
+def test_train_two_process_mid_epoch_checkpoint_holds_every_rank(tmp_path):
+    torchrun("--epochs", "1", "--save-every-steps", "1", "--stop-after-steps", "2", "--out", str(tmp_path),
+             "--name", "ddp")
+    ckpt = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    assert ckpt["step"] == 1
+    assert ckpt["train_sums"][2] == 8            # the global batch, not rank 0's 4 images
+    assert isinstance(ckpt["rng"], list) and len(ckpt["rng"]) == 2
+
+
+def test_train_mean_per_class_accuracy():
+    class Fixed(torch.nn.Module):  # predicts class 0 for everything
+        def forward(self, x):
+            return F.one_hot(torch.zeros(len(x), dtype=torch.long), 3).float()
+    ds = torch.utils.data.TensorDataset(torch.zeros(4, 1), torch.tensor([0, 0, 0, 1]))
+    args, _ = train.parse_args(["--workers", "0"])
+    m = train.evaluate(Fixed(), ds, 3, args, 0, 1, 4, torch.device("cpu"))
+    assert m["acc"] == 0.75 and m["mean_class_acc"] == 0.5  # (1 + 0) / 2: class 2 has no images
+
+
+def test_train_sam_step_equals_the_two_step_computation_by_hand():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    w0 = [p.detach().clone() for p in model.parameters()]
+    rho, lr = 0.05, 1e-2
+    # by hand: g at w; w' = w + rho g / |g|; g' at w'; Adam's first step from w with g'
+    g = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    norm = torch.sqrt(sum((t ** 2).sum() for t in g))
+    shifted = [(w + rho * t / norm).requires_grad_() for w, t in zip(w0, g)]
+    out = torch.func.functional_call(model, {n: w for (n, _), w in zip(model.named_parameters(), shifted)}, (x,))
+    g2 = torch.autograd.grad(F.cross_entropy(out, y), shifted)
+    expected = [w - lr * t / (t.abs() + 1e-8) for w, t in zip(w0, g2)]  # Adam's first step: lr * sign-ish
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = train.make_scheduler(opt, 0, 10)
+    train.train_step(model, x, y, opt, sched, 0.0, torch.autocast("cpu", enabled=False), sam_rho=rho)
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-6)
+    # and it differs from a plain Adam step (the second gradient matters)
+    plain = [w - lr * t / (t.abs() + 1e-8) for w, t in zip(w0, g)]
+    assert any(not torch.allclose(p, q) for p, q in zip(model.parameters(), plain))
+
+
+def test_train_exp_schedule_per_epoch_written_per_step():
+    f = [train.exp_lr_factor(s, 0, 4, 0.5) for s in range(12)]
+    assert f == [1.0] * 4 + [0.5] * 4 + [0.25] * 4
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = train.make_scheduler(opt, 0, 12, 4, "exp", 0.5)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx(f)
+
+
+def test_train_recipe_poster_defaults_per_dataset_and_overridable(tmp_path):
+    args, _ = train.parse_args(["--recipe", "poster"])
+    assert (args.optimizer, args.schedule, args.lr_gamma, args.batch_size, args.epochs) == ("sam", "exp", 0.98, 144, 200)
+    assert args.hflip and args.random_erasing == 1.0 and args.lr == train.POSTER_OTHER_LR
+    assert train.parse_args(["--recipe", "poster", "--dataset", "rafdb", "--data", "x"])[0].lr == 3.5e-5
+    assert train.parse_args(["--recipe", "poster", "--dataset", "caer-s", "--data", "x"])[0].lr == 4e-5
+    args, _ = train.parse_args(["--recipe", "poster", "--lr", "1e-4", "--epochs", "3", "--no-hflip"])
+    assert (args.lr, args.epochs, args.hflip) == (1e-4, 3, False)
+    args, _ = train.parse_args([])
+    assert (args.optimizer, args.schedule, args.lr, args.batch_size) == ("adam", "cosine", 1e-3, 64)
+    result = run(tmp_path, "poster", "--recipe", "poster", "--epochs", "1", "--batch-size", "8", "--lr", "1e-3")
+    config = json.loads((Path(result["run_dir"]) / "config.json").read_text())
+    assert config["args"]["optimizer"] == "sam" and config["args"]["schedule"] == "exp"
