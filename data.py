@@ -4,27 +4,42 @@ Data for FaceRWKV: the facial-expression datasets users hold, plus a built-in sy
 Everything goes through one call, `load_datasets(...) -> Splits`, whose .train/.val/.test are torch
 Datasets yielding (image float tensor (3, H, W), int label). Supported formats:
   - "synthetic": procedurally drawn faces (the default when root is None); needs no files.
+                 Drawn up front, they are kept in a disk cache for the next run.
   - "caer":      CAER-S, ROOT/{train,test}/{Anger,Disgust,Fear,Happy,Neutral,Sad,Surprise}/*.png
                  (the paper's data; `Angry` and other common spellings are accepted).
   - "folder":    any ImageFolder-style tree: ROOT/<class>/* or ROOT/{train,[val],test}/<class>/*;
                  classes are the sorted folder names, one index map shared by every split.
   - "rafdb":     RAF-DB basic, EmoLabel/list_patition_label.txt + Image/aligned/*_aligned.jpg.
   - "fer2013":   fer2013.csv (emotion, pixels, Usage), 48x48 grey images.
-For the 7 basic emotions the class order is always CLASSES (CAER-S order), whatever order the
+  - "affectnet": AffectNet, training.csv + validation.csv (subDirectory_filePath, face_x, face_y,
+                 face_width, face_height, facial_landmarks, expression, valence, arousal) with the
+                 images under Manually_Annotated_Images/ (or ROOT/); or, given explicitly, the
+                 numbered ImageFolder copies ROOT/[{train,[val],test}/]{0..7}/* in AffectNet's
+                 numbering. 7 classes (CLASSES) or 8 (+ Contempt); None/Uncertain/No-Face dropped.
+For the basic emotions the class order is always CLASSES (CAER-S order), whatever order the
 source format uses, so a label means the same emotion for every dataset.
 
 Validation is 10 % of train, stratified per class, seeded, moved out of train (not copied),
 unless the format brings its own validation split (FER2013 PublicTest, a folder tree's val/).
+AffectNet's official validation set is its test set, as in the literature.
 Bad data never crashes with a traceback and is never mislabelled silently: each problem raises
 DataError with a message naming the file/line and the fix, or, with skip_bad_images=True, bad
 images and rows are skipped and counted in the summary.
+
+Augmentation (training split only, off by default): a left-right flip and random erasing, both
+drawing from torch's RNG, which the training loop's DataLoader seeds per worker and epoch.
 """
 
+import collections
+import contextlib
 import csv
+import functools
 import hashlib
+import itertools
 import math
 import multiprocessing
 import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -34,7 +49,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFile, UnidentifiedImageError
 
 # -----------------------------------------------------------------------------
-# constants
+# Classes, label tables and formats
 
 CLASSES = ("Anger", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise")  # CAER-S order
 
@@ -51,29 +66,35 @@ CLASS_ALIASES = {
 RAFDB_LABELS = ("Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral")  # 1..7
 FER2013_LABELS = ("Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral")  # 0..6
 FER2013_USAGE = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
+# AffectNet's expression column, 0..10; AffectNet-7 keeps 0-6, AffectNet-8 keeps 0-7
+AFFECTNET_LABELS = ("Neutral", "Happy", "Sad", "Surprise", "Fear", "Disgust", "Anger", "Contempt",
+                    "None", "Uncertain", "No-Face")
+AFFECTNET_COLUMNS = ("subDirectory_filePath", "face_x", "face_y", "face_width", "face_height",
+                     "facial_landmarks", "expression", "valence", "arousal")  # a headerless csv's order
+AFFECTNET_CSVS = {"train": "training.csv", "test": "validation.csv"}  # the official validation set is the test set
 
-FORMATS = ("synthetic", "caer", "folder", "rafdb", "fer2013")
+FORMATS = ("synthetic", "caer", "folder", "rafdb", "fer2013", "affectnet")
 DEFAULT_IMG_SIZE = (400, 600)  # (H, W), the paper's
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 TEST_FRACTION = 0.2  # a flat folder tree (no train/ test/) keeps this stratified share for test
 
-# the synthetic demo: image size (H, W), patch size and images per class (train, test), sized for
-# about two CPU minutes of training. Measured at these settings (6 epochs, 2-core CPU): the small
-# FaceRWKV reaches 93.3 % test accuracy, a linear classifier on the pixels 51.0 %.
-SYNTHETIC_IMG_SIZE = (48, 72)
-SYNTHETIC_PATCH_SIZE = 12  # -> 4 x 6 = 24 tokens
-SYNTHETIC_SIZE = (3000, 100)
-SYNTHETIC_CACHE_MB = 512  # per split and process: drawn faces are kept in memory up to this size
-
 
 class DataError(Exception):
     """A user-facing data problem (layout, file, label); the message says what and how to fix it."""
 
 
+def affectnet_class_names(n):
+    """The class names of AffectNet-n: the project's seven (CLASSES order), plus Contempt for 8."""
+    if n not in (7, 8):
+        raise DataError(f"affectnet_classes must be 7 or 8, got {n!r}")
+    return CLASSES + (("Contempt",) if n == 8 else ())
+
+
 # -----------------------------------------------------------------------------
-# image transforms: any PIL mode -> RGB, resize, [0,1] float tensor, optional flip / normalisation
+# Image transforms: any PIL mode -> RGB, resize, [0,1] float tensor, optional flip, normalisation
+# and random erasing
 
 def _grey_from_array(a, mode):
     """Scale a high-bit-depth or float grey array to 8 bit. I;16 is 16-bit data (0..65535);
@@ -122,14 +143,45 @@ def _check_img_size(img_size):
     return int(img_size[0]), int(img_size[1])
 
 
+def random_erase(x, p, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0.0):
+    """Random erasing (Zhong et al. 2020) with torchvision's RandomErasing semantics, drawing from
+    torch's RNG in the same order: with probability p, one rectangle of x (C, H, W) is set to
+    `value`. Its area is a uniform fraction `scale` of H*W, its aspect h/w log-uniform in `ratio`;
+    up to 10 tries for a rectangle that fits, else x is left as it is. p = 0 draws nothing."""
+    if p <= 0 or not torch.rand(1) < p:
+        return x
+    H, W = x.shape[-2:]
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        area = H * W * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if h < H and w < W:
+            top = torch.randint(0, H - h + 1, size=(1,)).item()
+            left = torch.randint(0, W - w + 1, size=(1,)).item()
+            x = x.clone()
+            x[..., top:top + h, left:left + w] = value
+            return x
+    return x
+
+
 class ImageTransform:
     """PIL image -> float tensor (3, H, W): RGB, resized to img_size, in [0,1] (or ImageNet-
-    normalised), randomly flipped left-right when hflip (torch RNG: seeded per DataLoader worker)."""
+    normalised); for training, randomly flipped left-right when hflip and randomly erased with
+    probability random_erasing (a rectangle of erasing_scale times the image's area, on the
+    normalised image, value 0, as POSTER V2 does). The randomness is torch's RNG: seeded per
+    DataLoader worker, so a resumed run replays it."""
 
-    def __init__(self, img_size=DEFAULT_IMG_SIZE, hflip=False, normalize=False):
+    def __init__(self, img_size=DEFAULT_IMG_SIZE, hflip=False, normalize=False, random_erasing=0.0,
+                 erasing_scale=(0.02, 0.33)):
         self.img_size = _check_img_size(img_size)
         self.hflip = hflip
         self.normalize = normalize
+        if not 0.0 <= random_erasing <= 1.0:
+            raise DataError(f"random_erasing is a probability in [0, 1], got {random_erasing}")
+        if not (len(erasing_scale) == 2 and 0.0 < erasing_scale[0] <= erasing_scale[1] < 1.0):
+            raise DataError(f"erasing_scale must be (lo, hi) with 0 < lo <= hi < 1, got {erasing_scale}")
+        self.random_erasing, self.erasing_scale = random_erasing, tuple(erasing_scale)
 
     def __call__(self, img):
         img = to_rgb(img)
@@ -144,44 +196,50 @@ class ImageTransform:
             mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
             std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
             x = (x - mean) / std
-        return x
+        return random_erase(x, self.random_erasing, self.erasing_scale)
 
 
-def _open_image(path):
-    """Fully decode an image file; any failure becomes a DataError naming the file."""
+def _open_image(path, missing=None, fix="delete it or pass --skip-bad-images"):
+    """Fully decode an image file; any failure becomes a DataError naming the file. `missing` is
+    the message for a file that is not there (default: it vanished after indexing)."""
     try:
         with Image.open(path) as im:
             im.load()
             return im
     except FileNotFoundError as e:
-        raise DataError(f"image file vanished: {path} (was it moved or deleted while training?)") from e
+        raise DataError(missing or f"image file vanished: {path} (was it moved or deleted while training?)") from e
+    except Image.DecompressionBombError as e:
+        raise DataError(f"image too large: {path} ({e}); shrink it, or {fix}") from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot read image {path}: {e} (corrupt, truncated or not an image; "
-                        f"delete it or pass --skip-bad-images)") from e
+        raise DataError(f"cannot read image {path}: {e} (corrupt, truncated or not an image; {fix})") from e
 
 
 def load_image(path, img_size=DEFAULT_IMG_SIZE, normalize=False):
     """One image file -> tensor (3, H, W), with the evaluation transform (for predict)."""
-    return ImageTransform(img_size, hflip=False, normalize=normalize)(_open_image(path))
+    img = _open_image(path, missing=f"no such image file: {path}", fix="give another image")
+    return ImageTransform(img_size, hflip=False, normalize=normalize)(img)
 
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently grey
 
 # -----------------------------------------------------------------------------
-# sources: index -> (PIL image, label); datasets: source + indices + transform -> (tensor, label)
+# Sources: index -> (PIL image, label); datasets: source + indices + transform -> (tensor, label)
 
 class FileSource:
-    """Image files on disk: items is a list of (path, label)."""
+    """Image files on disk: items is a list of (path, label). boxes, if given, holds per item the
+    face box (left, top, right, bottom) to crop each image to (AffectNet's csv with crop_face)."""
 
-    def __init__(self, items):
+    def __init__(self, items, boxes=None):
         self.paths = [p for p, _ in items]
         self.labels = [int(y) for _, y in items]
+        self.boxes = boxes
 
     def __len__(self):
         return len(self.labels)
 
     def load(self, i):
-        return _open_image(self.paths[i])
+        img = _open_image(self.paths[i])
+        return img.crop(self.boxes[i]) if self.boxes is not None else img
 
     def name(self, i):
         return self.paths[i]
@@ -217,6 +275,7 @@ class FaceDataset(torch.utils.data.Dataset):
 
     @property
     def labels(self):
+        """The label of every item, in order (what a class-balanced sampler draws from)."""
         return [self.source.labels[i] for i in self.indices]
 
     def __len__(self):
@@ -241,272 +300,7 @@ class FaceDataset(torch.utils.data.Dataset):
 
 
 # -----------------------------------------------------------------------------
-# synthetic faces: drawn with Pillow, deterministic in (seed, split, index)
-
-# per-class prototype of the expression parameters (the cues); samples jitter around them and
-# some blend toward another class, so the classes overlap a little
-_CUES = ("brow_raise", "brow_tilt", "eye_open", "mouth_curve", "mouth_open", "mouth_width",
-         "nose_wrinkle", "frown_lines", "lip_asym", "teeth")
-_PROTOTYPES = np.array([
-    # raise  tilt   eye  curve  open  width wrinkle frown asym teeth
-    [-1.26, -1.40, 0.58, -0.63, 0.00, 0.79, 0.00, 1.40, 0.00, 0.00],    # Anger: brows down and in, lips pressed
-    [-0.70, -0.42, 0.44, -0.70, 0.21, 0.93, 1.40, 0.28, 1.40, 0.00],    # Disgust: nose wrinkle, raised lip side
-    [1.12, 1.26, 1.63, -0.28, 0.70, 1.42, 0.00, 0.42, 0.00, 0.42],      # Fear: brows up and in, wide eyes, stretched mouth
-    [0.00, 0.00, 0.65, 1.40, 0.49, 1.28, 0.00, 0.00, 0.00, 1.40],       # Happy: smile, teeth, slight squint
-    [0.00, 0.00, 1.00, 0.00, 0.00, 1.00, 0.00, 0.00, 0.00, 0.00],       # Neutral
-    [0.14, 1.40, 0.72, -1.26, 0.00, 0.86, 0.00, 0.00, 0.00, 0.00],      # Sad: inner brows up, mouth corners down
-    [1.68, 0.28, 1.77, 0.00, 1.40, 0.58, 0.00, 0.00, 0.00, 0.00],       # Surprise: brows high, round open mouth
-])
-_CUE_JITTER = np.array([0.20, 0.20, 0.12, 0.20, 0.096, 0.096, 0.20, 0.20, 0.20, 0.20])
-_SKIN_TONES = np.array([[255, 224, 196], [241, 194, 160], [224, 172, 135], [198, 134, 96],
-                        [161, 102, 69], [120, 75, 50], [88, 56, 40]], dtype=np.float64)
-_DRAW_MIN_H = 96  # small images are drawn at this height, then downscaled (anti-aliasing)
-
-
-def _item_rng(seed, split, index):
-    """A numpy Generator for one synthetic item; a stable hash, identical on every machine."""
-    digest = hashlib.sha256(f"facerwkv-synthetic:{seed}:{split}:{index}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
-
-
-def _rand_color(rng, lo=0, hi=256):
-    return tuple(int(c) for c in rng.integers(lo, hi, size=3))
-
-
-def _shade(color, f):
-    return tuple(int(max(0, min(255, c * f))) for c in color)
-
-
-def _draw_background(draw, rng, w, h):
-    """Cluttered context: wall/floor split, furniture-like boxes, blobs and lines."""
-    wall, floor = _rand_color(rng, 40, 230), _rand_color(rng, 30, 200)
-    horizon = int(h * rng.uniform(0.55, 0.9))
-    draw.rectangle([0, 0, w, horizon], fill=wall)
-    draw.rectangle([0, horizon, w, h], fill=floor)
-    for _ in range(int(rng.integers(4, 12))):
-        kind = rng.integers(0, 3)
-        x0, y0 = rng.uniform(-0.1, 1.0) * w, rng.uniform(-0.1, 1.0) * h
-        x1, y1 = x0 + rng.uniform(0.05, 0.4) * w, y0 + rng.uniform(0.05, 0.4) * h
-        color = _rand_color(rng)
-        if kind == 0:
-            draw.rectangle([x0, y0, x1, y1], fill=color)
-        elif kind == 1:
-            draw.ellipse([x0, y0, x1, y1], fill=color)
-        else:
-            draw.line([x0, y0, x1, y1], fill=color, width=max(1, int(rng.uniform(0.005, 0.03) * h)))
-
-
-def _face_params(rng, label):
-    """Expression cues of one sample: the class prototype, sometimes blended toward another
-    class (overlap), plus per-sample jitter; and the identity/pose nuisances."""
-    cues = _PROTOTYPES[label].copy()
-    if rng.random() < 0.2:
-        other = (label + int(rng.integers(1, len(CLASSES)))) % len(CLASSES)
-        alpha = rng.uniform(0.0, 0.35)
-        cues = (1 - alpha) * cues + alpha * _PROTOTYPES[other]
-    cues = cues + rng.normal(0.0, 1.0, size=cues.shape) * _CUE_JITTER
-    return dict(zip(_CUES, cues))
-
-
-def _draw_face(draw, rng, cx, cy, u, p, skin, hair):
-    """A frontal face centred at (cx, cy) with half-height u (pixels) and expression cues p."""
-    rx = u * rng.uniform(0.70, 0.84)
-    line = max(1, int(round(0.07 * u)))
-    dark = _shade(skin, 0.5)
-    ink = _shade(hair, 0.45)
-    # hair behind the head and ears
-    if rng.random() < 0.85:
-        draw.ellipse([cx - rx * 1.1, cy - u * 1.12, cx + rx * 1.1, cy + u * rng.uniform(0.0, 0.6)], fill=hair)
-    for s in (-1, 1):
-        draw.ellipse([cx + s * rx * 0.92 - 0.12 * u, cy - 0.15 * u, cx + s * rx * 0.92 + 0.12 * u, cy + 0.15 * u],
-                     fill=_shade(skin, 0.9))
-    draw.ellipse([cx - rx, cy - u, cx + rx, cy + u], fill=skin, outline=_shade(skin, 0.8), width=line)
-    # fringe
-    if rng.random() < 0.6:
-        fy = cy - u * rng.uniform(0.55, 0.75)
-        draw.chord([cx - rx, cy - u, cx + rx, fy + (fy - (cy - u))], 180, 360, fill=hair)
-
-    # eyes: white, iris, upper lid; eye_open scales the height
-    eye_y = cy - 0.12 * u
-    ew = 0.22 * rx * rng.uniform(0.9, 1.1)
-    eh = max(0.015 * u, 0.11 * u * max(p["eye_open"], 0.15))
-    gaze = rng.uniform(-0.3, 0.3) * ew
-    for s in (-1, 1):
-        ex = cx + s * 0.38 * rx
-        draw.ellipse([ex - ew, eye_y - eh, ex + ew, eye_y + eh], fill=(245, 245, 240), outline=ink, width=line)
-        ir = min(0.5 * ew, 0.9 * eh + 0.02 * u)
-        draw.ellipse([ex + gaze - ir, eye_y - min(ir, eh), ex + gaze + ir, eye_y + min(ir, eh)], fill=(40, 30, 25))
-        draw.arc([ex - ew, eye_y - eh, ex + ew, eye_y + eh], 200, 340, fill=ink, width=line + 1)
-
-    # brows: height from brow_raise, inner end up for positive brow_tilt (sad, fear), down for anger
-    brow_y = eye_y - 0.22 * u - 0.12 * u * p["brow_raise"]
-    bw = max(1, int(round(0.12 * u)))
-    for s in (-1, 1):
-        inner = (cx + s * 0.10 * rx, brow_y - 0.11 * u * p["brow_tilt"])
-        mid = (cx + s * 0.33 * rx, brow_y - 0.03 * u)
-        outer = (cx + s * 0.60 * rx, brow_y + 0.04 * u * p["brow_tilt"])
-        draw.line([inner, mid, outer], fill=ink, width=bw, joint="curve")
-    if p["frown_lines"] > 0.5:  # vertical creases between lowered brows
-        for s in (-1, 1):
-            x = cx + s * 0.05 * rx
-            draw.line([(x, brow_y - 0.02 * u), (x, brow_y + 0.09 * u)], fill=dark, width=line)
-
-    # nose, with a wrinkled bridge and flared nostrils for disgust
-    nose_y = cy + 0.2 * u
-    draw.line([(cx, eye_y), (cx - 0.07 * rx, nose_y), (cx + 0.05 * rx, nose_y + 0.02 * u)], fill=dark, width=line)
-    flare = 1.0 + 0.6 * max(p["nose_wrinkle"], 0.0)
-    for s in (-1, 1):
-        nx = cx + s * 0.09 * rx * flare
-        draw.ellipse([nx - 0.035 * u, nose_y - 0.015 * u, nx + 0.035 * u, nose_y + 0.025 * u], fill=dark)
-    if p["nose_wrinkle"] > 0.5:
-        for j in range(3):
-            y = eye_y + (0.05 + 0.045 * j) * u
-            draw.line([(cx - 0.14 * rx, y), (cx, y - 0.02 * u), (cx + 0.14 * rx, y)], fill=dark, width=line)
-
-    # mouth: corners up for a smile, down for sadness; opening; one side raised for disgust
-    my = cy + 0.5 * u
-    mw = 0.40 * rx * float(np.clip(p["mouth_width"], 0.4, 1.6))
-    corner = -0.16 * u * p["mouth_curve"]  # y offset of the corners (negative = up)
-    asym = -0.14 * u * max(p["lip_asym"], 0.0) * (1 if rng.random() < 0.5 else -1)
-    h = 0.26 * u * max(p["mouth_open"], 0.0)
-    xs = np.linspace(-1.0, 1.0, 13)
-    centre = my + corner * xs ** 2 + asym * np.clip(xs, 0, None) ** 2
-    bulge = np.sqrt(1.0 - xs ** 2)
-    lip = (170, 60, 60)
-    if h < 0.025 * u:
-        draw.line(list(zip(cx + mw * xs, centre)), fill=lip, width=max(2, int(round(0.12 * u))), joint="curve")
-    else:
-        upper = list(zip(cx + mw * xs, centre - 0.35 * h * bulge))
-        lower = list(zip(cx + mw * xs[::-1], (centre + 0.65 * h * bulge)[::-1]))
-        draw.polygon(upper + lower, fill=(70, 15, 20), outline=lip, width=max(1, int(round(0.03 * u))))
-        if p["teeth"] > 0.5:
-            teeth = list(zip(cx + 0.85 * mw * xs, centre - 0.3 * h * bulge))
-            teeth_low = list(zip(cx + 0.85 * mw * xs[::-1], (centre + 0.05 * h * bulge)[::-1]))
-            draw.polygon(teeth + teeth_low, fill=(240, 240, 230))
-
-
-def _draw_occluder(draw, rng, cx, cy, u):
-    """Partial occlusion: a hand, a cup or a scarf over part of the face (never all of it)."""
-    kind = rng.integers(0, 3)
-    if kind == 0:  # hand-like blob at one side
-        s = 1 if rng.random() < 0.5 else -1
-        x, y = cx + s * u * rng.uniform(0.45, 0.8), cy + u * rng.uniform(-0.3, 0.6)
-        r = u * rng.uniform(0.18, 0.3)
-        draw.ellipse([x - r, y - r * 1.3, x + r, y + r * 1.3], fill=_rand_color(rng, 90, 250))
-    elif kind == 1:  # cup / object in the lower corner
-        x, y = cx + u * rng.uniform(-0.8, 0.8), cy + u * rng.uniform(0.7, 1.0)
-        draw.rectangle([x - 0.2 * u, y - 0.3 * u, x + 0.2 * u, y + 0.3 * u], fill=_rand_color(rng))
-    else:  # a bar over the forehead or chin
-        y = cy + u * (rng.uniform(-1.0, -0.75) if rng.random() < 0.5 else rng.uniform(0.78, 1.0))
-        draw.rectangle([cx - u, y - 0.12 * u, cx + u, y + 0.12 * u], fill=_rand_color(rng))
-
-
-def synthetic_face(seed, split, index, img_size=SYNTHETIC_IMG_SIZE):
-    """Draw synthetic face `index` of `split` -> (PIL RGB image of img_size (H, W), label).
-    Labels cycle through CLASSES (index % 7), so every prefix of a split is balanced."""
-    H, W = _check_img_size(img_size)
-    label = index % len(CLASSES)
-    rng = _item_rng(seed, split, index)
-    scale = max(1.0, _DRAW_MIN_H / H)
-    dh, dw = int(round(H * scale)), int(round(W * scale))
-    canvas = Image.new("RGB", (dw, dh))
-    _draw_background(ImageDraw.Draw(canvas), rng, dw, dh)
-
-    # the person: shoulders (context) and a face on its own layer, rotated (head tilt) and pasted.
-    # Framed like a face detector's loose crop (FER2013, RAF-DB): the face fills the height, but no
-    # cue sits at a fixed pixel, so a linear classifier on pixels cannot simply read one off.
-    u = dh * 0.55 * rng.uniform(0.9, 1.1)  # face half-height
-    cx = dw * 0.5 + rng.uniform(-0.12, 0.12) * dw
-    cy = dh * 0.5 + rng.uniform(-0.08, 0.08) * dh
-    skin = tuple(int(c) for c in _SKIN_TONES[rng.integers(0, len(_SKIN_TONES))] * rng.uniform(0.9, 1.08))
-    skin = tuple(min(255, c) for c in skin)
-    hair = _rand_color(rng, 10, 140)
-    draw = ImageDraw.Draw(canvas)
-    draw.ellipse([cx - 1.6 * u, cy + 0.85 * u, cx + 1.6 * u, cy + 2.8 * u], fill=_rand_color(rng))
-    draw.rectangle([cx - 0.3 * u, cy + 0.6 * u, cx + 0.3 * u, cy + 1.0 * u], fill=_shade(skin, 0.85))
-    side = int(2.5 * u)
-    layer = Image.new("RGBA", (side, side), (0, 0, 0, 0))
-    _draw_face(ImageDraw.Draw(layer), rng, side / 2, side / 2, u, _face_params(rng, label), skin, hair)
-    layer = layer.rotate(rng.uniform(-10, 10), resample=Image.BILINEAR)
-    canvas.paste(layer, (int(cx - side / 2), int(cy - side / 2)), layer)
-    if rng.random() < 0.2:
-        _draw_occluder(draw, rng, cx, cy, u)
-    if scale > 1.0:
-        canvas = canvas.resize((W, H), Image.BILINEAR)
-
-    # lighting (a directional gain), contrast, sensor noise; integer-exact after the gain
-    a = np.asarray(canvas, dtype=np.float32)                          # (H, W, 3)
-    theta = rng.uniform(0, 2 * math.pi)
-    xs = (np.arange(W, dtype=np.float32) / W - 0.5) * np.float32(np.cos(theta))
-    ys = (np.arange(H, dtype=np.float32) / H - 0.5) * np.float32(np.sin(theta))
-    ramp = ys[:, None] + xs[None, :]                                  # (H, W) light direction
-    gain = np.float32(rng.uniform(0.75, 1.2)) * (1.0 + np.float32(rng.uniform(0.0, 0.6)) * ramp)
-    a = (a - 128.0) * np.float32(rng.uniform(0.75, 1.1)) + 128.0
-    noise = rng.standard_normal(a.shape, dtype=np.float32) * np.float32(rng.uniform(2.0, 8.0))
-    a = a * gain[..., None] + noise
-    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)), label
-
-
-class SyntheticSource:
-    """n_per_class * 7 synthetic faces of one split, drawn on the fly at img_size. Drawn images
-    are kept (uint8, per process) up to SYNTHETIC_CACHE_MB, so later epochs cost nothing."""
-
-    def __init__(self, split, n_per_class, img_size, seed=0):
-        self.split, self.seed, self.img_size = split, seed, _check_img_size(img_size)
-        self.labels = [i % len(CLASSES) for i in range(n_per_class * len(CLASSES))]
-        H, W = self.img_size
-        self.cache_limit = int(SYNTHETIC_CACHE_MB * 2 ** 20) // (H * W * 3)  # images that fit
-        self.cache = {}
-
-    def __len__(self):
-        return len(self.labels)
-
-    def load(self, i):
-        if i in self.cache:
-            return Image.fromarray(self.cache[i])
-        img = synthetic_face(self.seed, self.split, i, self.img_size)[0]
-        if len(self.cache) < self.cache_limit:
-            self.cache[i] = np.asarray(img)
-        return img
-
-    def name(self, i):
-        return f"synthetic:{self.seed}:{self.split}:{i}"
-
-    def draw(self, indices, processes=1):
-        """Draw these items now, in `processes` worker processes, and keep them (as far as the cache
-        allows): the same pixels as drawing them one by one on demand. Returns how many were drawn."""
-        todo = sorted(set(int(i) for i in indices) - self.cache.keys())
-        todo = todo[:max(0, self.cache_limit - len(self.cache))]
-        jobs = [(self.seed, self.split, i, self.img_size) for i in todo]
-        if processes > 1 and len(jobs) > 1:
-            with multiprocessing.Pool(processes) as pool:
-                arrays = pool.map(_draw_array, jobs, chunksize=max(1, min(256, len(jobs) // (4 * processes))))
-        else:
-            arrays = map(_draw_array, jobs)
-        self.cache.update(zip(todo, arrays))
-        return len(todo)
-
-
-def _draw_array(job):
-    seed, split, index, img_size = job
-    return np.asarray(synthetic_face(seed, split, index, img_size)[0])
-
-
-def export_synthetic(out_root, train_per_class=SYNTHETIC_SIZE[0], test_per_class=SYNTHETIC_SIZE[1],
-                     img_size=SYNTHETIC_IMG_SIZE, seed=0):
-    """Write the synthetic set as a CAER-S style tree OUT/{train,test}/<Class>/NNNNN.png (lossless,
-    so load_datasets(OUT) gives back the same pixels). Returns out_root."""
-    for split, n in (("train", train_per_class), ("test", test_per_class)):
-        for c in CLASSES:
-            os.makedirs(os.path.join(out_root, split, c), exist_ok=True)
-        for i in range(n * len(CLASSES)):
-            img, label = synthetic_face(seed, split, i, img_size)
-            img.save(os.path.join(out_root, split, CLASSES[label], f"{i:05d}.png"))
-    return out_root
-
-
-# -----------------------------------------------------------------------------
-# indexing files on disk
+# Indexing datasets on disk: each format -> (classes, {split: items or source})
 
 def _is_image_name(name):
     return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
@@ -517,25 +311,29 @@ def _visible_dirs(path):
                   if not d.startswith((".", "__")) and os.path.isdir(os.path.join(path, d)))
 
 
-def _header_ok(path):
-    """Cheap check at index time: PIL can identify the file (reads only the header)."""
+def _probe(path):
+    """Cheap check at index time: PIL can identify the file (reads only the header).
+    -> ((width, height), None), or (None, what is wrong)."""
     try:
         with Image.open(path) as im:
-            im.size
-        return None
+            return im.size, None
     except FileNotFoundError:
-        return "file not found"
+        return None, "file not found"
+    except Image.DecompressionBombError as e:
+        return None, f"image too large ({e})"
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        return f"not a readable image ({e})"
+        return None, f"not a readable image ({e})"
 
 
 class _Report:
-    """What indexing found besides good images: skipped bad files, ignored stray files."""
+    """What indexing found besides good images: skipped bad files and rows, ignored stray files,
+    and items dropped on purpose (AffectNet's labels outside the chosen classes)."""
 
     def __init__(self, skip_bad_images):
         self.skip_bad_images = skip_bad_images
         self.skipped = []  # (name, reason)
         self.ignored = 0  # stray non-image files
+        self.dropped = collections.Counter()  # label name -> items dropped
 
     def bad(self, name, reason, hint):
         if not self.skip_bad_images:
@@ -555,7 +353,7 @@ def _scan_class_dir(path, report):
                 report.ignored += 1
                 continue
             p = os.path.join(dirpath, f)
-            problem = _header_ok(p)
+            problem = _probe(p)[1]
             if problem:
                 report.bad(p, problem, "Delete the file or pass --skip-bad-images to skip it")
             else:
@@ -594,24 +392,29 @@ def _index_caer(root, report):
                             f"{expected} (found: {_visible_dirs(root) or 'nothing'})")
     items = {}
     for split, sdir in dirs.items():
-        per_class = {}
+        folders = {}  # class -> its folder (as spelled on disk: Angry/ for Anger)
         for d in _visible_dirs(sdir):
             c = _canonical_class(d)
             if c is None:
                 raise DataError(f"unknown class folder {os.path.join(sdir, d)}: CAER-S expects {expected} "
                                 f"('Angry' is accepted for 'Anger'); rename or remove it, or use "
                                 f"--dataset folder to take the folder names as classes")
-            if c in per_class:
+            if c in folders:
                 raise DataError(f"two folders in {sdir} mean the same class {c}; merge them")
-            per_class[c] = _scan_class_dir(os.path.join(sdir, d), report)
-        missing = [c for c in CLASSES if c not in per_class]
+            folders[c] = os.path.join(sdir, d)
+        missing = [c for c in CLASSES if c not in folders]
         if missing:
             raise DataError(f"{sdir} lacks class folders {', '.join(missing)} (CAER-S has {expected})")
-        for c, files in per_class.items():
+        items[split] = []
+        for c in CLASSES:
+            files = _scan_class_dir(folders[c], report)
             if not files:
-                raise DataError(f"class folder {os.path.join(sdir, c)} has no readable images")
-        items[split] = [(p, CLASSES.index(c)) for c in CLASSES for p in per_class[c]]
+                raise DataError(f"class folder {folders[c]} has no readable images")
+            items[split] += [(p, CLASSES.index(c)) for p in files]
     return CLASSES, items
+
+
+_AFFECTNET_HINT = "; if this is AffectNet, --dataset affectnet reads them in its numbering, val/ as test"
 
 
 def _index_folder(root, report):
@@ -622,6 +425,10 @@ def _index_folder(root, report):
     if not classes:
         raise DataError(f"no class folders in {base}: expected {base}/<class name>/<images>, "
                         f"optionally under train/ and test/ (and val/)")
+    if "train" in dirs and "test" not in dirs:
+        numbered = all(c.isdigit() for c in classes)
+        raise DataError(f"{root} has train/ but no test/: add a test/ folder (or rename val/ to test/; "
+                        f"validation is then carved out of train)" + (_AFFECTNET_HINT if numbered else ""))
     items = {}
     for split, sdir in dirs.items():
         names = _visible_dirs(sdir)
@@ -668,7 +475,7 @@ def _index_rafdb(root, report):
                 continue
             stem = os.path.splitext(parts[0])[0]
             path = os.path.join(img_dir, f"{stem}_aligned.jpg")
-            problem = _header_ok(path)
+            problem = _probe(path)[1]
             if problem:
                 report.bad(path, problem, "Restore the file, or pass --skip-bad-images")
                 continue
@@ -720,6 +527,118 @@ def _index_fer2013(csv_path, report):
     return CLASSES, sources
 
 
+def _affectnet_to_ours(n_classes):
+    """The class index, in affectnet_class_names(n_classes), of each kept AffectNet expression."""
+    names = affectnet_class_names(n_classes)
+    return [names.index(_canonical_class(e) or e) for e in AFFECTNET_LABELS[:n_classes]]
+
+
+def _affectnet_csv_dir(root):
+    """Where training.csv and validation.csv are: ROOT, or the official Manually_Annotated_file_lists/."""
+    for d in (root, os.path.join(root, "Manually_Annotated_file_lists")):
+        if all(os.path.isfile(os.path.join(d, name)) for name in AFFECTNET_CSVS.values()):
+            return d
+    return None
+
+
+def _index_affectnet(root, report, n_classes, crop_face):
+    """AffectNet's csvs: rows (subDirectory_filePath, face box, ..., expression 0..10) -> items and,
+    with crop_face, face boxes per split. training.csv is train, validation.csv is test."""
+    csv_dir = _affectnet_csv_dir(root)
+    img_root = os.path.join(root, "Manually_Annotated_Images")
+    img_root = img_root if os.path.isdir(img_root) else root  # a copy with the images right under ROOT
+    to_ours = _affectnet_to_ours(n_classes)
+    box_cols = ["face_x", "face_y", "face_width", "face_height"]
+    items, boxes = {}, {}
+    for split, name in AFFECTNET_CSVS.items():
+        path = os.path.join(csv_dir, name)
+        items[split], boxes[split] = [], []
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            reader = csv.reader(f)
+            first = [c.strip() for c in next(reader, [])]
+            if "subdirectory_filepath" in (c.lower() for c in first):
+                header, rows = [c.lower() for c in first], []
+            elif len(first) >= 7 and first[6].lstrip("-").isdigit():  # no header: the official order
+                header, rows = [c.lower() for c in AFFECTNET_COLUMNS], [(reader.line_num, first)]
+            else:
+                raise DataError(f"{path} line 1: expected the header {','.join(AFFECTNET_COLUMNS)} "
+                                f"(found {first}); fix the file's first line")
+            needed = ["subDirectory_filePath", "expression"] + (box_cols if crop_face else [])
+            absent = [c for c in needed if c.lower() not in header]
+            if absent:
+                raise DataError(f"{path} line 1: the header lacks {', '.join(absent)}; add the column(s)")
+            i_path, i_expr = header.index("subdirectory_filepath"), header.index("expression")
+            i_box = [header.index(c) for c in box_cols] if crop_face else []
+            for lineno, row in itertools.chain(rows, ((reader.line_num, r) for r in reader)):
+                if not row:
+                    continue
+                where = f"{path} line {lineno}"
+                try:
+                    rel, expression = row[i_path].strip(), int(row[i_expr])
+                    x, y, w, h = (int(float(row[i])) for i in i_box) if crop_face else (0, 0, 0, 0)
+                    if not rel:
+                        raise ValueError("empty subDirectory_filePath")
+                except (IndexError, ValueError, OverflowError) as e:
+                    report.bad(where, f"malformed row ({e})", "Fix or delete the row")
+                    continue
+                if not 0 <= expression <= 10:
+                    report.bad(where, f"expression {expression} out of range 0..10", "Fix the label")
+                    continue
+                if expression >= n_classes:  # Contempt for AffectNet-7; None, Uncertain, No-Face always
+                    report.dropped[AFFECTNET_LABELS[expression]] += 1
+                    continue
+                img_path = os.path.join(img_root, rel)
+                size, problem = _probe(img_path)
+                if problem:
+                    report.bad(where, f"{problem}: {img_path}", "Restore the file, or pass --skip-bad-images")
+                    continue
+                if crop_face:  # the face box, clipped to the image
+                    box = (max(x, 0), max(y, 0), min(x + w, size[0]), min(y + h, size[1]))
+                    if box[2] <= box[0] or box[3] <= box[1]:
+                        report.bad(where, f"face box x={x} y={y} w={w} h={h} lies outside the "
+                                   f"{size[0]}x{size[1]} image {img_path}", "Fix the row, or drop --crop-face")
+                        continue
+                    boxes[split].append(box)
+                items[split].append((img_path, to_ours[expression]))
+        if not items[split]:
+            raise DataError(f"{path} lists no usable images of the {n_classes} classes")
+    return affectnet_class_names(n_classes), items, (boxes if crop_face else None)
+
+
+def _index_affectnet_folders(root, report, n_classes):
+    """The numbered ImageFolder copies of AffectNet: ROOT/[{train,[val],test}/]{0..7}/* with
+    folders named by AffectNet's expression number. A copy with train/ and val/ but no test/ holds
+    the official validation set in val/: it becomes the test split."""
+    dirs = _split_dirs(root) or {"all": root}
+    if "test" not in dirs and "val" in dirs:
+        dirs["test"] = dirs.pop("val")
+    if "train" in dirs and "test" not in dirs:
+        raise DataError(f"{root} has train/ but no test/ (or val/): add AffectNet's validation set as test/")
+    to_ours = _affectnet_to_ours(n_classes)
+    numbering = ", ".join(f"{k} {n}" for k, n in enumerate(AFFECTNET_LABELS[:8]))
+    items = {}
+    for split, sdir in dirs.items():
+        items[split] = []
+        folders = _visible_dirs(sdir)
+        for d in folders:
+            if not (d.isdigit() and int(d) < len(AFFECTNET_LABELS)):
+                raise DataError(f"unexpected folder {os.path.join(sdir, d)}: AffectNet's class folders are "
+                                f"numbered ({numbering}); rename or remove it, or use --dataset folder")
+        for d in sorted(folders, key=int):
+            e, files = int(d), _scan_class_dir(os.path.join(sdir, d), report)
+            if e >= n_classes:
+                report.dropped[AFFECTNET_LABELS[e]] += len(files)
+                continue
+            if not files and split in ("train", "all"):
+                raise DataError(f"class folder {os.path.join(sdir, d)} has no readable images")
+            items[split] += [(p, to_ours[e]) for p in files]
+        missing = [f"{k} ({AFFECTNET_LABELS[k]})" for k in range(n_classes) if str(k) not in folders]
+        if missing and split in ("train", "all"):
+            raise DataError(f"{sdir} lacks the AffectNet-{n_classes} class folders {', '.join(missing)}; "
+                            f"add them (a copy without Contempt is AffectNet-7: --affectnet-classes 7)")
+    return affectnet_class_names(n_classes), items
+
+
 def detect_format(root):
     """Guess the format of a dataset path (an explicit fmt always wins)."""
     if root is None:
@@ -734,6 +653,8 @@ def detect_format(root):
         return "fer2013"
     if os.path.isfile(os.path.join(root, "EmoLabel", "list_patition_label.txt")):
         return "rafdb"
+    if _affectnet_csv_dir(root):
+        return "affectnet"
     dirs = _split_dirs(root)
     if dirs and _looks_like_caer(dirs["train"]):
         return "caer"
@@ -741,7 +662,7 @@ def detect_format(root):
 
 
 # -----------------------------------------------------------------------------
-# splits
+# Splits and sampling
 
 def stratified_split(labels, fraction, seed):
     """Move a seeded `fraction` of every class out: -> (kept indices, held-out indices), disjoint.
@@ -773,8 +694,31 @@ def sanity_subset(labels, n_per_class, seed):
     return sorted(picked)
 
 
+def balanced_indices(labels, n, seed, epoch=0):
+    """n positions into `labels`, drawn with replacement so that every class is equally likely
+    per draw: a class uniformly among those present, then one of its items uniformly (the
+    class-balanced sampling of AffectNet training). A function of (labels, n, seed, epoch) only,
+    so every DDP rank computes the same list and takes its share of it."""
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    if len(classes) == 0:
+        raise DataError("balanced sampling needs at least one labelled item")
+    digest = hashlib.sha256(f"facerwkv-balanced:{seed}:{epoch}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    which = rng.integers(0, len(classes), size=n)  # the class of each draw
+    within = rng.random(n)  # the position of each draw within its class, as a fraction
+    out = np.empty(n, dtype=np.int64)
+    for k, c in enumerate(classes):
+        members = np.flatnonzero(labels == c)
+        draws = which == k
+        out[draws] = members[(within[draws] * len(members)).astype(np.int64)]
+    return out.tolist()
+
+
 @dataclass
 class Splits:
+    """The three splits (FaceDatasets: .train.labels gives a split's labels), the class names
+    (label y is classes[y]) and what was loaded (info: format, sizes, counts, skips, ...)."""
     train: torch.utils.data.Dataset
     val: torch.utils.data.Dataset
     test: torch.utils.data.Dataset
@@ -792,8 +736,12 @@ class Splits:
         info, counts = self.info, self.counts()
         H, W = info["img_size"]
         lines = [f"dataset: {info['format']}  root: {info['root']}",
-                 f"image size: {H}x{W} (HxW)  normalize: {info['normalize']}  hflip: {info['hflip']}",
+                 f"image size: {H}x{W} (HxW)  normalize: {info['normalize']}  hflip: {info['hflip']}  "
+                 f"random erasing: {info.get('random_erasing', 0.0)}"
+                 + (" (area {:g}-{:g})".format(*info["erasing_scale"]) if info.get("random_erasing") else ""),
                  f"validation: {info['val_source']}"]
+        if info.get("test_source"):
+            lines.append(f"test: {info['test_source']}")
         if info.get("sanity_per_class"):
             lines.append(f"sanity subset: {info['sanity_per_class']} per class (train = val = test)")
         width = max(8, max(len(c) for c in self.classes) + 2)
@@ -801,6 +749,10 @@ class Splits:
         for y, c in enumerate(self.classes):
             lines.append(f"{c:<{width}}" + "".join(f"{counts[s][y]:>8}" for s in ("train", "val", "test")))
         lines.append(f"{'total':<{width}}" + "".join(f"{sum(counts[s]):>8}" for s in ("train", "val", "test")))
+        dropped = info.get("dropped")
+        if dropped:
+            lines.append(f"dropped (not among the {len(self.classes)} classes): {sum(dropped.values())} "
+                         f"({', '.join(f'{k} {v}' for k, v in dropped.items())})")
         skipped = info.get("skipped", [])
         runtime = sorted({n for s in ("train", "val", "test") for n in getattr(getattr(self, s), "runtime_skipped", [])})
         if skipped or runtime:
@@ -809,19 +761,32 @@ class Splits:
                          f"(first: {first})")
         if info.get("ignored"):
             lines.append(f"ignored non-image files: {info['ignored']}")
+        if info["format"] == "folder" and all(c.isdigit() for c in self.classes):
+            lines.append("note: the class folders are numbers" + _AFFECTNET_HINT)
         drawn = info.get("drawn")
         if drawn and drawn["images"]:
-            lines.append(f"synthetic faces drawn: {drawn['images']} in {drawn['seconds']:.1f} s "
-                         f"({drawn['images'] / max(drawn['seconds'], 1e-9):.0f} images/s, {drawn['processes']} processes)")
+            if drawn.get("from_cache") == drawn["images"]:
+                how = f"read back from the cache in {drawn['cache_dir']}"
+            else:
+                how = (f"{drawn['images'] / max(drawn['seconds'], 1e-9):.0f} images/s, {drawn['processes']} processes"
+                       + (f"; cache: {drawn['cache_dir']}" if drawn.get("cache_dir") else ""))
+            lines.append(f"synthetic faces drawn: {drawn['images']} in {drawn['seconds']:.1f} s ({how})")
         return "\n".join(lines)
 
 
 def load_datasets(root=None, fmt="auto", img_size=DEFAULT_IMG_SIZE, val_fraction=0.1, seed=0,
                   sanity_per_class=None, hflip=False, normalize=False, skip_bad_images=False,
-                  synthetic_size=SYNTHETIC_SIZE, synthetic_processes=1):
+                  synthetic_size=None, synthetic_processes=1, random_erasing=0.0, erasing_scale=(0.02, 0.33),
+                  affectnet_classes=7, crop_face=False, synthetic_cache=True):
     """Load a dataset -> Splits(train, val, test, classes, info). root None = synthetic faces.
-    Synthetic faces are drawn on demand; with synthetic_processes > 1 every image the splits use is
-    drawn up front by that many processes instead (the same pixels, sooner)."""
+
+    hflip and random_erasing (a probability; erased area erasing_scale of the image) augment the
+    training split only. AffectNet:
+    affectnet_classes 7 or 8 (8 adds Contempt), crop_face crops to the csv's face box.
+    Synthetic faces (synthetic_size = per class (train, test), default SYNTHETIC_SIZE) are drawn
+    on demand; with synthetic_processes > 1 every image the splits use is drawn up front by that
+    many processes instead (the same pixels, sooner), and kept in the disk cache (synthetic_cache:
+    True = FACERWKV_CACHE or ~/.cache/facerwkv, a folder, or False = off) for the next run."""
     img_size = _check_img_size(img_size)
     if fmt not in ("auto",) + FORMATS:
         raise DataError(f"unknown dataset format {fmt!r}; choose one of auto, {', '.join(FORMATS)}")
@@ -831,14 +796,19 @@ def load_datasets(root=None, fmt="auto", img_size=DEFAULT_IMG_SIZE, val_fraction
         raise DataError(f"dataset path not found: {root} (format {fmt} needs a path)")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if crop_face and fmt != "affectnet":
+        raise DataError(f"crop_face needs the face boxes of AffectNet's csv; the {fmt} format has none")
+    affectnet_class_names(affectnet_classes)  # 7 or 8, checked before a long scan
     report = _Report(skip_bad_images)
 
     # sources per split: train, test, and val when the format has its own
+    test_source = None
     if fmt == "synthetic":
-        n_train, n_test = synthetic_size
+        n_train, n_test = synthetic_size or SYNTHETIC_SIZE
         classes = CLASSES
-        sources = {"train": SyntheticSource("train", n_train, img_size, seed),
-                   "test": SyntheticSource("test", n_test, img_size, seed)}
+        cache_dir = _synthetic_cache_dir(synthetic_cache)
+        sources = {"train": SyntheticSource("train", n_train, img_size, seed, cache_dir),
+                   "test": SyntheticSource("test", n_test, img_size, seed, cache_dir)}
     elif fmt == "fer2013":
         csv_path = os.path.join(root, "fer2013.csv") if os.path.isdir(root) else root
         if not os.path.isfile(csv_path):
@@ -847,15 +817,28 @@ def load_datasets(root=None, fmt="auto", img_size=DEFAULT_IMG_SIZE, val_fraction
     else:
         if not os.path.isdir(root):
             raise DataError(f"{root} is not a folder (format {fmt})")
-        index = {"caer": _index_caer, "folder": _index_folder, "rafdb": _index_rafdb}[fmt]
-        classes, items = index(root, report)
+        boxes = None
+        if fmt == "affectnet" and _affectnet_csv_dir(root):
+            classes, items, boxes = _index_affectnet(root, report, affectnet_classes, crop_face)
+            test_source = "AffectNet's official validation set (validation.csv)"
+        elif fmt == "affectnet":
+            if crop_face:
+                raise DataError(f"crop_face needs AffectNet's training.csv and validation.csv, not found in {root}")
+            classes, items = _index_affectnet_folders(root, report, affectnet_classes)
+            dirs = _split_dirs(root)
+            if "val" in dirs and "test" not in dirs:
+                test_source = f"{dirs['val']} (AffectNet's official validation set)"
+        else:
+            index = {"caer": _index_caer, "folder": _index_folder, "rafdb": _index_rafdb}[fmt]
+            classes, items = index(root, report)
         if "all" in items:  # a flat folder tree: carve out a stratified test split
             labels = [y for _, y in items["all"]]
             keep, held = stratified_split(labels, TEST_FRACTION, seed)
             items = {"train": [items["all"][i] for i in keep], "test": [items["all"][i] for i in held]}
-        sources = {s: FileSource(it) for s, it in items.items()}
+        sources = {s: FileSource(it, boxes[s] if boxes else None) for s, it in items.items()}
 
-    train_tf = ImageTransform(img_size, hflip=hflip, normalize=normalize)
+    train_tf = ImageTransform(img_size, hflip=hflip, normalize=normalize, random_erasing=random_erasing,
+                              erasing_scale=erasing_scale)
     eval_tf = ImageTransform(img_size, hflip=False, normalize=normalize)
     train_src = sources["train"]
     all_train = list(range(len(train_src)))
@@ -865,7 +848,7 @@ def load_datasets(root=None, fmt="auto", img_size=DEFAULT_IMG_SIZE, val_fraction
         train = FaceDataset(train_src, pick, train_tf, skip_bad_images)
         val = FaceDataset(train_src, pick, eval_tf, skip_bad_images)
         test = FaceDataset(train_src, pick, eval_tf, skip_bad_images)
-        val_source = "the sanity subset itself"
+        val_source, test_source = "the sanity subset itself", None
     else:
         if "val" in sources:
             train = FaceDataset(train_src, all_train, train_tf, skip_bad_images)
@@ -881,12 +864,450 @@ def load_datasets(root=None, fmt="auto", img_size=DEFAULT_IMG_SIZE, val_fraction
     drawn = None
     if fmt == "synthetic" and synthetic_processes > 1:
         t0 = time.time()
-        n = sum(ds.source.draw(ds.indices, synthetic_processes) for ds in (train, val, test))
-        drawn = dict(images=n, seconds=round(time.time() - t0, 2), processes=synthetic_processes)
+        wanted = collections.defaultdict(set)  # source -> the indices the splits use
+        for ds in (train, val, test):
+            wanted[ds.source].update(ds.indices)
+        ready = [source.draw(indices, synthetic_processes) for source, indices in wanted.items()]
+        drawn = dict(images=sum(n for n, _ in ready), from_cache=sum(k for _, k in ready),
+                     seconds=round(time.time() - t0, 2), processes=synthetic_processes, cache_dir=cache_dir)
 
     splits = Splits(train, val, test, tuple(classes))
     splits.info = dict(format=fmt, root=root, img_size=img_size, classes=list(classes),
-                       counts=splits.counts(), val_source=val_source, sanity_per_class=sanity_per_class,
-                       normalize=normalize, hflip=hflip, skipped=report.skipped, ignored=report.ignored,
-                       drawn=drawn)
+                       counts=splits.counts(), val_source=val_source, test_source=test_source,
+                       sanity_per_class=sanity_per_class, normalize=normalize, hflip=hflip,
+                       random_erasing=random_erasing, erasing_scale=tuple(erasing_scale), skipped=report.skipped, ignored=report.ignored,
+                       dropped=dict(report.dropped), drawn=drawn)
     return splits
+
+
+# -----------------------------------------------------------------------------
+# Synthetic faces: drawn with Pillow, deterministic in (seed, split, index)
+#
+# Everything from this banner to the end of the file is the generator: its text is part of the
+# disk cache's key, so editing anything below redraws the faces on the next run.
+
+# the demo: image size (H, W), patch size and images per class (train, test), sized for about two
+# CPU minutes of training; the README's results section says what it reaches
+SYNTHETIC_IMG_SIZE = (48, 72)
+SYNTHETIC_PATCH_SIZE = 12  # -> 4 x 6 = 24 tokens
+SYNTHETIC_SIZE = (3000, 100)
+SYNTHETIC_CACHE_MB = 512  # in memory, per split and process: drawn faces are kept up to this size
+SYNTHETIC_DISK_CACHE_MB = 2048  # on disk: the oldest cached sets are deleted beyond this
+
+# per-class prototype of the expression parameters (the cues); samples jitter around them and
+# some blend toward another class, so the classes overlap a little
+_CUES = ("brow_raise", "brow_tilt", "eye_open", "mouth_curve", "mouth_open", "mouth_width",
+         "nose_wrinkle", "frown_lines", "lip_asym", "teeth")
+_PROTOTYPES = np.array([
+    # raise  tilt   eye  curve  open  width wrinkle frown asym teeth
+    [-1.26, -1.40, 0.58, -0.63, 0.00, 0.79, 0.00, 1.40, 0.00, 0.00],    # Anger: brows down and in, lips pressed
+    [-0.70, -0.42, 0.44, -0.70, 0.21, 0.93, 1.40, 0.28, 1.40, 0.00],    # Disgust: nose wrinkle, raised lip side
+    [1.12, 1.26, 1.63, -0.28, 0.70, 1.42, 0.00, 0.42, 0.00, 0.42],      # Fear: brows up and in, wide eyes, stretched mouth
+    [0.00, 0.00, 0.65, 1.40, 0.49, 1.28, 0.00, 0.00, 0.00, 1.40],       # Happy: smile, teeth, slight squint
+    [0.00, 0.00, 1.00, 0.00, 0.00, 1.00, 0.00, 0.00, 0.00, 0.00],       # Neutral
+    [0.14, 1.40, 0.72, -1.26, 0.00, 0.86, 0.00, 0.00, 0.00, 0.00],      # Sad: inner brows up, mouth corners down
+    [1.68, 0.28, 1.77, 0.00, 1.40, 0.58, 0.00, 0.00, 0.00, 0.00],       # Surprise: brows high, round open mouth
+])
+_CUE_JITTER = np.array([0.20, 0.20, 0.12, 0.20, 0.096, 0.096, 0.20, 0.20, 0.20, 0.20])
+_SKIN_TONES = np.array([[255, 224, 196], [241, 194, 160], [224, 172, 135], [198, 134, 96],
+                        [161, 102, 69], [120, 75, 50], [88, 56, 40]], dtype=np.float64)
+_DRAW_MIN_H = 96  # small images are drawn at this height, then downscaled (anti-aliasing)
+
+
+def _item_rng(seed, split, index):
+    """A numpy Generator for one synthetic item; a stable hash, identical on every machine."""
+    digest = hashlib.sha256(f"facerwkv-synthetic:{seed}:{split}:{index}".encode()).digest()
+    return np.random.Generator(np.random.PCG64(int.from_bytes(digest[:8], "little")))  # = default_rng
+
+
+def _uniform(rng, lo, hi):
+    """rng.uniform(lo, hi), bit for bit (numpy computes lo + (hi - lo) * U), at a quarter of its cost."""
+    return lo + (hi - lo) * rng.random()
+
+
+def _rand_color(rng, lo=0, hi=256):
+    return tuple(rng.integers(lo, hi, size=3).tolist())
+
+
+def _shade(color, f):
+    return tuple(int(max(0, min(255, c * f))) for c in color)
+
+
+def _draw_background(draw, rng, w, h):
+    """Cluttered context: wall/floor split, furniture-like boxes, blobs and lines."""
+    wall, floor = _rand_color(rng, 40, 230), _rand_color(rng, 30, 200)
+    horizon = int(h * _uniform(rng, 0.55, 0.9))
+    draw.rectangle([0, 0, w, horizon], fill=wall)
+    draw.rectangle([0, horizon, w, h], fill=floor)
+    for _ in range(int(rng.integers(4, 12))):
+        kind = rng.integers(0, 3)
+        x0, y0 = _uniform(rng, -0.1, 1.0) * w, _uniform(rng, -0.1, 1.0) * h
+        x1, y1 = x0 + _uniform(rng, 0.05, 0.4) * w, y0 + _uniform(rng, 0.05, 0.4) * h
+        color = _rand_color(rng)
+        if kind == 0:
+            draw.rectangle([x0, y0, x1, y1], fill=color)
+        elif kind == 1:
+            draw.ellipse([x0, y0, x1, y1], fill=color)
+        else:
+            draw.line([x0, y0, x1, y1], fill=color, width=max(1, int(_uniform(rng, 0.005, 0.03) * h)))
+
+
+def _face_params(rng, label):
+    """Expression cues of one sample: the class prototype, sometimes blended toward another
+    class (overlap), plus per-sample jitter; and the identity/pose nuisances."""
+    cues = _PROTOTYPES[label].copy()
+    if rng.random() < 0.2:
+        other = (label + int(rng.integers(1, len(CLASSES)))) % len(CLASSES)
+        alpha = _uniform(rng, 0.0, 0.35)
+        cues = (1 - alpha) * cues + alpha * _PROTOTYPES[other]
+    cues = cues + rng.normal(0.0, 1.0, size=cues.shape) * _CUE_JITTER
+    return dict(zip(_CUES, cues))
+
+
+# A face is drawn around its centre (cx, cy) in units of half_h, the distance from the centre to
+# the chin (pixels), and rx, its half-width. `line` is the outline width.
+
+def _draw_face(draw, rng, cx, cy, half_h, p, skin, hair):
+    """A frontal face centred at (cx, cy) with half-height half_h (pixels) and expression cues p."""
+    rx = half_h * _uniform(rng, 0.70, 0.84)
+    line = max(1, int(round(0.07 * half_h)))
+    dark = _shade(skin, 0.5)  # creases and nostrils
+    ink = _shade(hair, 0.45)  # brows and eyelids
+    _draw_head(draw, rng, cx, cy, half_h, rx, line, skin, hair)
+    eye_y = _draw_eyes(draw, rng, cx, cy, half_h, rx, line, ink, p["eye_open"])
+    _draw_brows(draw, cx, eye_y, half_h, rx, line, ink, dark, p)
+    _draw_nose(draw, cx, cy, eye_y, half_h, rx, line, dark, p["nose_wrinkle"])
+    _draw_mouth(draw, rng, cx, cy, half_h, rx, p)
+
+
+def _draw_head(draw, rng, cx, cy, half_h, rx, line, skin, hair):
+    """Hair behind the head, ears, the face oval and sometimes a fringe."""
+    if rng.random() < 0.85:
+        draw.ellipse([cx - rx * 1.1, cy - half_h * 1.12, cx + rx * 1.1, cy + half_h * _uniform(rng, 0.0, 0.6)],
+                     fill=hair)
+    for s in (-1, 1):
+        ex = cx + s * rx * 0.92
+        draw.ellipse([ex - 0.12 * half_h, cy - 0.15 * half_h, ex + 0.12 * half_h, cy + 0.15 * half_h],
+                     fill=_shade(skin, 0.9))
+    draw.ellipse([cx - rx, cy - half_h, cx + rx, cy + half_h], fill=skin, outline=_shade(skin, 0.8), width=line)
+    if rng.random() < 0.6:
+        fy = cy - half_h * _uniform(rng, 0.55, 0.75)
+        draw.chord([cx - rx, cy - half_h, cx + rx, fy + (fy - (cy - half_h))], 180, 360, fill=hair)
+
+
+def _draw_eyes(draw, rng, cx, cy, half_h, rx, line, ink, eye_open):
+    """White, iris and upper lid of both eyes; eye_open scales their height. -> the eyes' y."""
+    eye_y = cy - 0.12 * half_h
+    ew = 0.22 * rx * _uniform(rng, 0.9, 1.1)
+    eh = max(0.015 * half_h, 0.11 * half_h * max(eye_open, 0.15))
+    gaze = _uniform(rng, -0.3, 0.3) * ew
+    ir = min(0.5 * ew, 0.9 * eh + 0.02 * half_h)
+    for s in (-1, 1):
+        ex = cx + s * 0.38 * rx
+        draw.ellipse([ex - ew, eye_y - eh, ex + ew, eye_y + eh], fill=(245, 245, 240), outline=ink, width=line)
+        draw.ellipse([ex + gaze - ir, eye_y - min(ir, eh), ex + gaze + ir, eye_y + min(ir, eh)], fill=(40, 30, 25))
+        draw.arc([ex - ew, eye_y - eh, ex + ew, eye_y + eh], 200, 340, fill=ink, width=line + 1)
+    return eye_y
+
+
+def _draw_brows(draw, cx, eye_y, half_h, rx, line, ink, dark, p):
+    """Brows: height from brow_raise; the inner end up for a positive brow_tilt (sad, fear), down
+    for anger; vertical creases between lowered brows (frown_lines)."""
+    brow_y = eye_y - 0.22 * half_h - 0.12 * half_h * p["brow_raise"]
+    bw = max(1, int(round(0.12 * half_h)))
+    for s in (-1, 1):
+        inner = (cx + s * 0.10 * rx, brow_y - 0.11 * half_h * p["brow_tilt"])
+        mid = (cx + s * 0.33 * rx, brow_y - 0.03 * half_h)
+        outer = (cx + s * 0.60 * rx, brow_y + 0.04 * half_h * p["brow_tilt"])
+        draw.line([inner, mid, outer], fill=ink, width=bw, joint="curve")
+    if p["frown_lines"] > 0.5:
+        for s in (-1, 1):
+            x = cx + s * 0.05 * rx
+            draw.line([(x, brow_y - 0.02 * half_h), (x, brow_y + 0.09 * half_h)], fill=dark, width=line)
+
+
+def _draw_nose(draw, cx, cy, eye_y, half_h, rx, line, dark, nose_wrinkle):
+    """Nose, with a wrinkled bridge and flared nostrils for disgust (nose_wrinkle)."""
+    nose_y = cy + 0.2 * half_h
+    draw.line([(cx, eye_y), (cx - 0.07 * rx, nose_y), (cx + 0.05 * rx, nose_y + 0.02 * half_h)],
+              fill=dark, width=line)
+    flare = 1.0 + 0.6 * max(nose_wrinkle, 0.0)
+    for s in (-1, 1):
+        nx = cx + s * 0.09 * rx * flare
+        draw.ellipse([nx - 0.035 * half_h, nose_y - 0.015 * half_h, nx + 0.035 * half_h, nose_y + 0.025 * half_h],
+                     fill=dark)
+    if nose_wrinkle > 0.5:
+        for j in range(3):
+            y = eye_y + (0.05 + 0.045 * j) * half_h
+            draw.line([(cx - 0.14 * rx, y), (cx, y - 0.02 * half_h), (cx + 0.14 * rx, y)], fill=dark, width=line)
+
+
+_MOUTH_XS = np.linspace(-1.0, 1.0, 13)  # 13 points across the mouth, corner to corner
+_MOUTH_BULGE = np.sqrt(1.0 - _MOUTH_XS ** 2)  # the lips' opening profile
+
+
+def _draw_mouth(draw, rng, cx, cy, half_h, rx, p):
+    """Mouth: corners up for a smile, down for sadness (mouth_curve); opening (mouth_open), width,
+    one side raised for disgust (lip_asym), teeth."""
+    my = cy + 0.5 * half_h
+    mw = 0.40 * rx * min(max(p["mouth_width"], 0.4), 1.6)
+    corner = -0.16 * half_h * p["mouth_curve"]  # y offset of the corners (negative = up)
+    asym = -0.14 * half_h * max(p["lip_asym"], 0.0) * (1 if rng.random() < 0.5 else -1)
+    h = 0.26 * half_h * max(p["mouth_open"], 0.0)  # opening height
+    xs, bulge = _MOUTH_XS, _MOUTH_BULGE
+    centre = my + corner * xs ** 2 + asym * np.clip(xs, 0, None) ** 2
+    lip = (170, 60, 60)
+    if h < 0.025 * half_h:
+        draw.line(list(zip(cx + mw * xs, centre)), fill=lip, width=max(2, int(round(0.12 * half_h))), joint="curve")
+    else:
+        upper = list(zip(cx + mw * xs, centre - 0.35 * h * bulge))
+        lower = list(zip(cx + mw * xs[::-1], (centre + 0.65 * h * bulge)[::-1]))
+        draw.polygon(upper + lower, fill=(70, 15, 20), outline=lip, width=max(1, int(round(0.03 * half_h))))
+        if p["teeth"] > 0.5:
+            teeth = list(zip(cx + 0.85 * mw * xs, centre - 0.3 * h * bulge))
+            teeth_low = list(zip(cx + 0.85 * mw * xs[::-1], (centre + 0.05 * h * bulge)[::-1]))
+            draw.polygon(teeth + teeth_low, fill=(240, 240, 230))
+
+
+def _draw_occluder(draw, rng, cx, cy, half_h):
+    """Partial occlusion: a hand, a cup or a scarf over part of the face (never all of it)."""
+    kind = rng.integers(0, 3)
+    if kind == 0:  # hand-like blob at one side
+        s = 1 if rng.random() < 0.5 else -1
+        x, y = cx + s * half_h * _uniform(rng, 0.45, 0.8), cy + half_h * _uniform(rng, -0.3, 0.6)
+        r = half_h * _uniform(rng, 0.18, 0.3)
+        draw.ellipse([x - r, y - r * 1.3, x + r, y + r * 1.3], fill=_rand_color(rng, 90, 250))
+    elif kind == 1:  # cup / object in the lower corner
+        x, y = cx + half_h * _uniform(rng, -0.8, 0.8), cy + half_h * _uniform(rng, 0.7, 1.0)
+        draw.rectangle([x - 0.2 * half_h, y - 0.3 * half_h, x + 0.2 * half_h, y + 0.3 * half_h],
+                       fill=_rand_color(rng))
+    else:  # a bar over the forehead or chin
+        y = cy + half_h * (_uniform(rng, -1.0, -0.75) if rng.random() < 0.5 else _uniform(rng, 0.78, 1.0))
+        draw.rectangle([cx - half_h, y - 0.12 * half_h, cx + half_h, y + 0.12 * half_h], fill=_rand_color(rng))
+
+
+def _turned_box(box, angle, centre, size):
+    """The bounding box of `box` (left, top, right, bottom) turned by `angle` radians about
+    (centre, centre), 2 pixels wider on every side (a bilinear filter's reach), within 0..size."""
+    xs, ys = [], []
+    for x, y in ((box[0], box[1]), (box[2], box[1]), (box[2], box[3]), (box[0], box[3])):
+        xs.append(centre + math.cos(angle) * (x - centre) - math.sin(angle) * (y - centre))
+        ys.append(centre + math.sin(angle) * (x - centre) + math.cos(angle) * (y - centre))
+    return (max(0, math.floor(min(xs)) - 2), max(0, math.floor(min(ys)) - 2),
+            min(size, math.ceil(max(xs)) + 2), min(size, math.ceil(max(ys)) + 2))
+
+
+def _paste_rotated(canvas, layer, angle, left, top):
+    """canvas.paste(turned, (left, top), turned) with turned = layer.rotate(angle, BILINEAR), for
+    a square layer holding an opaque drawing on transparent. Only the part of the layer that the
+    drawing turns into and that lands on the canvas is resampled: the same pixels, sooner."""
+    side, centre, turn = layer.size[0], layer.size[0] / 2, -math.radians(angle)  # Pillow's sign
+    drawn = layer.getbbox()
+    if drawn is None:
+        return
+    landed = _turned_box(drawn, turn, centre, side)
+    landed = (max(landed[0], -left), max(landed[1], -top),
+              min(landed[2], canvas.size[0] - left), min(landed[3], canvas.size[1] - top))
+    if landed[0] >= landed[2] or landed[1] >= landed[3]:
+        return
+    read = _turned_box(landed, -turn, centre, side)  # the layer pixels that part is read from
+    box = (min(landed[0], read[0]), min(landed[1], read[1]), max(landed[2], read[2]), max(landed[3], read[3]))
+    part = layer.crop(box).rotate(angle, resample=Image.BILINEAR, center=(centre - box[0], centre - box[1]))
+    canvas.paste(part, (left + box[0], top + box[1]), part)
+
+
+def _synthetic_pixels(seed, split, index, img_size):
+    """Synthetic face `index` of `split` -> (uint8 array (H, W, 3), label): see synthetic_face."""
+    H, W = img_size
+    label = index % len(CLASSES)
+    rng = _item_rng(seed, split, index)
+    scale = max(1.0, _DRAW_MIN_H / H)
+    dh, dw = int(round(H * scale)), int(round(W * scale))
+    canvas = Image.new("RGB", (dw, dh))
+    _draw_background(ImageDraw.Draw(canvas), rng, dw, dh)
+
+    # the person: shoulders (context) and a face on its own layer, rotated (head tilt) and pasted.
+    # Framed like a face detector's loose crop (FER2013, RAF-DB): the face fills the height, but no
+    # cue sits at a fixed pixel, so a linear classifier on pixels cannot simply read one off.
+    half_h = dh * 0.55 * _uniform(rng, 0.9, 1.1)  # face half-height: centre to chin
+    cx = dw * 0.5 + _uniform(rng, -0.12, 0.12) * dw
+    cy = dh * 0.5 + _uniform(rng, -0.08, 0.08) * dh
+    skin = tuple(int(c) for c in _SKIN_TONES[rng.integers(0, len(_SKIN_TONES))] * _uniform(rng, 0.9, 1.08))
+    skin = tuple(min(255, c) for c in skin)
+    hair = _rand_color(rng, 10, 140)
+    draw = ImageDraw.Draw(canvas)
+    draw.ellipse([cx - 1.6 * half_h, cy + 0.85 * half_h, cx + 1.6 * half_h, cy + 2.8 * half_h],
+                 fill=_rand_color(rng))  # shoulders
+    draw.rectangle([cx - 0.3 * half_h, cy + 0.6 * half_h, cx + 0.3 * half_h, cy + 1.0 * half_h],
+                   fill=_shade(skin, 0.85))  # neck
+    side = int(2.5 * half_h)
+    layer = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+    cues = _face_params(rng, label)
+    _draw_face(ImageDraw.Draw(layer), rng, side / 2, side / 2, half_h, cues, skin, hair)
+    _paste_rotated(canvas, layer, _uniform(rng, -10, 10), int(cx - side / 2), int(cy - side / 2))
+    if rng.random() < 0.2:
+        _draw_occluder(draw, rng, cx, cy, half_h)
+    if scale > 1.0:
+        canvas = canvas.resize((W, H), Image.BILINEAR)
+
+    # lighting (a directional gain), contrast, sensor noise; integer-exact after the gain
+    a = np.array(canvas, dtype=np.float32)                            # (H, W, 3)
+    theta = _uniform(rng, 0, 2 * math.pi)
+    xs = (np.arange(W, dtype=np.float32) / W - 0.5) * np.float32(np.cos(theta))
+    ys = (np.arange(H, dtype=np.float32) / H - 0.5) * np.float32(np.sin(theta))
+    ramp = ys[:, None] + xs[None, :]                                  # (H, W) light direction
+    gain = np.float32(_uniform(rng, 0.75, 1.2)) * (1.0 + np.float32(_uniform(rng, 0.0, 0.6)) * ramp)
+    a -= 128.0                                                        # contrast about mid-grey
+    a *= np.float32(_uniform(rng, 0.75, 1.1))
+    a += 128.0
+    noise = rng.standard_normal(a.shape, dtype=np.float32)           # sensor noise
+    noise *= np.float32(_uniform(rng, 2.0, 8.0))
+    a *= gain[..., None]
+    a += noise
+    return np.clip(np.rint(a, out=a), 0, 255, out=a).astype(np.uint8), label
+
+
+def synthetic_face(seed, split, index, img_size=SYNTHETIC_IMG_SIZE):
+    """Draw synthetic face `index` of `split` -> (PIL RGB image of img_size (H, W), label).
+    Labels cycle through CLASSES (index % 7), so every prefix of a split is balanced."""
+    pixels, label = _synthetic_pixels(seed, split, index, _check_img_size(img_size))
+    return Image.fromarray(pixels), label
+
+
+class SyntheticSource:
+    """n_per_class * 7 synthetic faces of one split, drawn on the fly at img_size. Drawn images
+    are kept (uint8, per process) up to SYNTHETIC_CACHE_MB, so later epochs cost nothing; with a
+    cache_dir, draw() keeps the whole split on disk too, for the next run."""
+
+    def __init__(self, split, n_per_class, img_size, seed=0, cache_dir=None):
+        self.split, self.seed, self.img_size = split, seed, _check_img_size(img_size)
+        self.labels = [i % len(CLASSES) for i in range(n_per_class * len(CLASSES))]
+        H, W = self.img_size
+        self.cache_limit = int(SYNTHETIC_CACHE_MB * 2 ** 20) // (H * W * 3)  # images that fit
+        self.cache = {}
+        self.cache_dir = cache_dir
+
+    def __len__(self):
+        return len(self.labels)
+
+    def load(self, i):
+        if i in self.cache:
+            return Image.fromarray(self.cache[i])
+        img = synthetic_face(self.seed, self.split, i, self.img_size)[0]
+        if len(self.cache) < self.cache_limit:
+            self.cache[i] = np.asarray(img)
+        return img
+
+    def name(self, i):
+        return f"synthetic:{self.seed}:{self.split}:{i}"
+
+    def cache_file(self):
+        """The disk cache's file for this split: named by a hash of the generator's source (this
+        section of data.py), the library versions that render it, and every parameter."""
+        key = "\n".join([_generator_source(), np.__version__, Image.__version__, repr(CLASSES),
+                         repr((self.seed, self.split, len(self), self.img_size))])
+        return os.path.join(self.cache_dir, f"synthetic_{hashlib.sha256(key.encode()).hexdigest()[:20]}.npy")
+
+    def draw(self, indices, processes=1):
+        """Draw these items now, in `processes` worker processes, and keep them (as far as the
+        memory cache allows): the same pixels as drawing them one by one on demand. With a
+        cache_dir they are read from the disk cache if there, and a fully drawn split is written
+        there. Returns (images now in memory, how many of them came from the disk cache)."""
+        todo = sorted(set(int(i) for i in indices) - self.cache.keys())
+        todo = todo[:max(0, self.cache_limit - len(self.cache))]
+        if not todo:
+            return 0, 0
+        on_disk = self.cache_dir is not None and len(self) <= self.cache_limit  # whole splits only
+        if on_disk:
+            stored = _read_array(self.cache_file(), (len(self),) + self.img_size + (3,))
+            if stored is not None:
+                self.cache.update(zip(todo, stored[todo]))
+                return len(todo), len(todo)
+        jobs = [(self.seed, self.split, i, self.img_size) for i in todo]
+        if processes > 1 and len(jobs) > 1:
+            with multiprocessing.Pool(processes) as pool:
+                arrays = pool.map(_draw_array, jobs, chunksize=max(1, min(256, len(jobs) // (4 * processes))))
+        else:
+            arrays = map(_draw_array, jobs)
+        self.cache.update(zip(todo, arrays))
+        if on_disk and len(self.cache) == len(self):
+            _write_array(self.cache_file(), np.stack([self.cache[i] for i in range(len(self))]))
+        return len(todo), 0
+
+
+def _draw_array(job):
+    return _synthetic_pixels(*job)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _generator_source():
+    """The text of this file from the synthetic faces' banner on: what the drawn pixels depend on."""
+    with open(__file__, encoding="utf-8") as f:
+        text = f.read()
+    return text[text.find("\n# Synthetic faces"):]
+
+
+def _synthetic_cache_dir(setting):
+    """The disk cache's folder: True = $FACERWKV_CACHE or ~/.cache/facerwkv (the kernel cache's),
+    falling back to the temp dir where that cannot be written; a path = that folder; False = None."""
+    if not setting:
+        return None
+    root = setting if isinstance(setting, (str, os.PathLike)) else (
+        os.environ.get("FACERWKV_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "facerwkv"))
+    try:
+        os.makedirs(root, exist_ok=True)
+        if os.access(root, os.W_OK):
+            return str(root)
+    except OSError:
+        pass
+    return tempfile.gettempdir()
+
+
+def _read_array(path, shape):
+    """A cached uint8 array of this shape (memory-mapped), or None if absent or unusable."""
+    try:
+        a = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    with contextlib.suppress(OSError):
+        os.utime(path)  # recently used: the last to be pruned
+    return a if a.shape == shape and a.dtype == np.uint8 else None
+
+
+def _write_array(path, a):
+    """Save atomically (a temp file renamed into place: a reader never sees half a file), then
+    delete the oldest cached sets beyond SYNTHETIC_DISK_CACHE_MB. A failure only warns."""
+    folder, tmp = os.path.dirname(path), None
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".synthetic_", suffix=".tmp", delete=False) as f:
+            tmp = f.name
+            np.save(f, a)
+        os.chmod(tmp, 0o644)  # readable like any cache file (a temp file starts private)
+        os.replace(tmp, path)
+    except OSError as e:
+        warnings.warn(f"could not cache the synthetic faces in {folder} ({e}); they will be drawn again next run")
+        if tmp:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        return
+    with contextlib.suppress(OSError):  # another process may be pruning too
+        cached = sorted((os.path.join(folder, n) for n in os.listdir(folder)
+                         if n.startswith("synthetic_") and n.endswith(".npy")), key=os.path.getmtime, reverse=True)
+        total = 0
+        for p in cached:
+            total += os.path.getsize(p)
+            if total > SYNTHETIC_DISK_CACHE_MB * 2 ** 20 and p != path:
+                os.remove(p)
+
+
+def export_synthetic(out_root, train_per_class=SYNTHETIC_SIZE[0], test_per_class=SYNTHETIC_SIZE[1],
+                     img_size=SYNTHETIC_IMG_SIZE, seed=0):
+    """Write the synthetic set as a CAER-S style tree OUT/{train,test}/<Class>/NNNNN.png (lossless,
+    so load_datasets(OUT) gives back the same pixels). Returns out_root."""
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        for c in CLASSES:
+            os.makedirs(os.path.join(out_root, split, c), exist_ok=True)
+        for i in range(n * len(CLASSES)):
+            img, label = synthetic_face(seed, split, i, img_size)
+            img.save(os.path.join(out_root, split, CLASSES[label], f"{i:05d}.png"))
+    return out_root

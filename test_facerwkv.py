@@ -16,7 +16,8 @@ section (a bare `-k wkv` would also match this file's own name, and so select ev
       the RWKV-4 block against the paper's equations; RNN mode equals parallel mode; every
       variant trains a step; the ResNet50 stem; the config
   The data                                                             -k test_data
-      every format; splits and the sanity subset; bad data; transforms; synthetic faces
+      every format (AffectNet's csv and numbered folders too); splits and the sanity subset;
+      bad data; transforms and random erasing; balanced sampling; synthetic faces and their cache
   train.py                                                             -k test_train
       the schedule and clipping; runs end to end; resume after a kill; evaluation, prediction,
       plots, the linear probe, clear errors; two processes; the benchmark; the rough edges a
@@ -39,7 +40,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFont
+from PIL import Image, ImageDraw, ImageFont
 
 import data
 import facerwkv
@@ -1033,6 +1034,399 @@ def test_data_loader_with_workers(tmp_path):
         assert torch.cat(ys).tolist() == s.test.labels
 
 
+# ---- data: rough edges ---------------------------------------------------------------------------
+
+def test_data_empty_angry_folder_is_named_as_on_disk(tmp_path):
+    root = make_caer(tmp_path / "caer", n_train=2, n_test=1, angry=True)
+    angry = os.path.join(root, "train", "Angry")
+    for f in os.listdir(angry):
+        os.remove(os.path.join(angry, f))
+    with pytest.raises(DataError) as e:
+        load_datasets(root, img_size=SIZE)
+    assert f"class folder {angry} has no readable images" in str(e.value)
+    assert os.path.join(root, "train", "Anger") not in str(e.value)
+
+
+def test_data_huge_image_is_named_or_skipped(tmp_path, monkeypatch):
+    root = make_caer(tmp_path / "caer", n_train=3, n_test=1)
+    big = str(tmp_path / "caer" / "train" / "Happy" / "big.png")
+    write_img(big, COLORS[3], size=(40, 40))  # 1,600 pixels
+    indexed = load_datasets(root, img_size=SIZE)  # indexed under Pillow's own limit
+    # Pillow refuses images over twice MAX_IMAGE_PIXELS (a 240-megapixel photo by default)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+    with pytest.raises(DataError, match="big.png.*too large"):
+        load_datasets(root, img_size=SIZE)
+    s = load_datasets(root, img_size=SIZE, skip_bad_images=True)
+    assert len(s.info["skipped"]) == 1 and "too large" in s.summary()
+    assert sum(s.counts()["train"]) + sum(s.counts()["val"]) == 21
+    with pytest.raises(DataError, match="image too large: .*big.png"):
+        data.load_image(big, SIZE)
+    ds = indexed.train if big in [indexed.train.source.paths[i] for i in indexed.train.indices] else indexed.val
+    k = [ds.source.paths[i] for i in ds.indices].index(big)
+    with pytest.raises(DataError, match="image too large: .*big.png"):  # grown past the limit after indexing
+        ds[k]
+    ds.skip_bad_images = True
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        x, y = ds[k]
+    assert color_of(x) == COLORS[y] and ds.runtime_skipped == [big]
+
+
+def test_data_load_image_missing_file_says_so(tmp_path):
+    path = str(tmp_path / "face.jpg")
+    with pytest.raises(DataError) as e:
+        data.load_image(path, SIZE)
+    assert str(e.value) == f"no such image file: {path}"
+
+
+def test_data_folder_tree_with_val_but_no_test_is_a_clear_error(tmp_path):
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            write_img(str(tmp_path / split / c / "0.png"), COLORS[0])
+    with pytest.raises(DataError, match="no test/.*rename val/ to test/"):
+        load_datasets(str(tmp_path), img_size=SIZE)
+
+
+# ---- data: random erasing ------------------------------------------------------------------------
+
+def erased_box(x):
+    """(top, left, h, w) of the one rectangle of x that is 0 in every channel, or None."""
+    zero = (x == 0).all(0)
+    if not zero.any():
+        return None
+    rows, cols = zero.any(1).nonzero().flatten(), zero.any(0).nonzero().flatten()
+    top, left, h, w = rows[0].item(), cols[0].item(), len(rows), len(cols)
+    assert zero[top:top + h, left:left + w].all() and zero.sum() == h * w, "not one rectangle"
+    return top, left, h, w
+
+
+def test_data_random_erase_one_rectangle_of_torchvision_size():
+    x = torch.rand(3, 40, 60) + 0.1
+    state = torch.get_rng_state()
+    assert data.random_erase(x, 0.0) is x and torch.equal(torch.get_rng_state(), state)  # off: no draws
+    torch.manual_seed(0)
+    boxes = [erased_box(data.random_erase(x, 1.0)) for _ in range(300)]
+    assert (x > 0).all()  # the input is left as it was
+    boxes = [b for b in boxes if b]
+    assert len(boxes) >= 270  # a rectangle fits in nearly every try
+    areas = np.array([h * w / (40 * 60) for _, _, h, w in boxes])
+    aspects = np.array([h / w for _, _, h, w in boxes])
+    assert 0.015 < areas.min() and areas.max() < 0.36 and 0.14 < areas.mean() < 0.21  # uniform in 0.02..0.33
+    assert 0.25 < aspects.min() < 0.5 and 2.0 < aspects.max() < 4.0  # log-uniform in 0.3..3.3
+    assert 0.4 < np.mean(np.log(aspects) > 0) < 0.6
+    torch.manual_seed(1)
+    half = [erased_box(data.random_erase(x, 0.5)) is not None for _ in range(400)]
+    assert 0.4 < np.mean(half) < 0.6
+    fixed = [erased_box(data.random_erase(x, 1.0, scale=(0.05, 0.05))) for _ in range(50)]  # POSTER V2's CAER-S
+    assert all(abs(h * w - 0.05 * 40 * 60) < 0.2 * 0.05 * 40 * 60 for _, _, h, w in fixed)
+
+
+def test_data_random_erase_equals_torchvision_random_erasing():
+    transforms = pytest.importorskip("torchvision.transforms")
+    x = torch.rand(3, 32, 48)
+    erase = transforms.RandomErasing(p=0.7, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        ours = data.random_erase(x, 0.7)
+        torch.manual_seed(seed)
+        assert torch.equal(ours, erase(x.clone()))
+
+
+def test_data_random_erasing_on_train_only_and_replayed_by_seeded_workers(tmp_path):
+    root = make_caer(tmp_path / "caer", n_train=6, n_test=2)
+    s = load_datasets(root, img_size=(16, 24), normalize=True, random_erasing=1.0)
+    assert "random erasing: 1.0 (area 0.02-0.33)" in s.summary()
+    torch.manual_seed(0)
+    assert all(erased_box(s.train[k][0]) for k in range(len(s.train)))  # value 0 on the normalised image
+    assert not any(erased_box(ds[k][0]) for ds in (s.val, s.test) for k in range(len(ds)))
+
+    def epoch(seed):
+        loader = torch.utils.data.DataLoader(s.train, batch_size=5, num_workers=2,
+                                             generator=torch.Generator().manual_seed(seed))
+        return torch.cat([x for x, _ in loader])
+
+    assert torch.equal(epoch(3), epoch(3)) and not torch.equal(epoch(3), epoch(4))
+    with pytest.raises(DataError, match="random_erasing"):
+        load_datasets(root, img_size=(16, 24), random_erasing=1.5)
+    small = load_datasets(root, img_size=(16, 24), random_erasing=1.0, erasing_scale=(0.05, 0.05))
+    areas = [np.prod(erased_box(small.train[k][0])[2:]) for k in range(len(small.train))]
+    assert 12 <= min(areas) and max(areas) <= 28  # 5 % of 16 x 24 = 19.2 pixels, up to rounding h and w
+    with pytest.raises(DataError, match="erasing_scale"):
+        load_datasets(root, img_size=(16, 24), random_erasing=1.0, erasing_scale=(0.5, 0.1))
+
+
+# ---- data: class-balanced sampling ---------------------------------------------------------------
+
+def test_data_balanced_indices_draw_each_class_equally_seeded_by_epoch():
+    labels = [0] * 900 + [5] * 90 + [2] * 10  # heavily imbalanced, class ids with gaps
+    idx = data.balanced_indices(labels, 30_000, seed=1, epoch=0)
+    assert len(idx) == 30_000 and all(isinstance(i, int) and 0 <= i < 1000 for i in idx[:100])
+    drawn = np.array(labels)[idx]
+    for c in (0, 5, 2):
+        assert abs(np.mean(drawn == c) - 1 / 3) < 0.02
+    rare = np.bincount(np.array(idx)[drawn == 2] - 990, minlength=10)  # uniform within a class
+    assert rare.min() > 700 and rare.max() < 1300
+    assert idx == data.balanced_indices(labels, 30_000, seed=1, epoch=0)
+    assert idx != data.balanced_indices(labels, 30_000, seed=1, epoch=1)
+    assert idx != data.balanced_indices(labels, 30_000, seed=2, epoch=0)
+    with pytest.raises(DataError, match="at least one"):
+        data.balanced_indices([], 5, seed=0, epoch=0)
+
+
+# ---- data: AffectNet -----------------------------------------------------------------------------
+# AffectNet's expression numbers, written out here independently of data.py
+AFFECTNET_NAMES = ["Neutral", "Happy", "Sad", "Surprise", "Fear", "Disgust", "Anger", "Contempt",
+                   "None", "Uncertain", "No-Face"]
+AFFECTNET_HEADER = ("subDirectory_filePath,face_x,face_y,face_width,face_height,facial_landmarks,"
+                    "expression,valence,arousal")
+LABEL_COLORS = COLORS + [(255, 128, 0)]  # by our class index; Contempt is class 7 of AffectNet-8
+FACE_COLOR = (10, 20, 30)
+AN_SIZE = (16, 24)  # (H, W) of the fixture images, so that they load unresized
+FACE_BOX = (12, 4, 12, 12)  # x, y, width, height of the face in every fixture image
+
+
+def our_class(expression):
+    return CLASSES.index(AFFECTNET_NAMES[expression]) if expression < 7 else expression
+
+
+def write_affectnet_img(path, expression):
+    """A 24x16 image in its label's colour, with the face box filled with FACE_COLOR."""
+    img = Image.new("RGB", (AN_SIZE[1], AN_SIZE[0]), LABEL_COLORS[our_class(expression)] if expression < 8 else 0)
+    x, y, w, h = FACE_BOX
+    img.paste(FACE_COLOR, (x, y, x + w, y + h))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img.save(path)
+
+
+def affectnet_row(rel, expression, box=FACE_BOX):
+    return f'{rel},{box[0]},{box[1]},{box[2]},{box[3]},"1.5;2.5;3.5;4.5",{expression},0.25,-0.5'
+
+
+def make_affectnet(root, n=(4, 2), images="Manually_Annotated_Images", headers=(True, True), extra_train=()):
+    """training.csv with n[0] rows and validation.csv with n[1] rows per expression 0..10, in order
+    of expression (so training.csv's row of expression e, image i is on line 2 + e * n[0] + i)."""
+    for (name, k), header in zip((("training.csv", n[0]), ("validation.csv", n[1])), headers):
+        rows = [AFFECTNET_HEADER] if header else []
+        for e in range(11):
+            for i in range(k):
+                rel = f"{100 + e}/{name[:5]}_{e}_{i}.png"
+                write_affectnet_img(os.path.join(root, images, rel), e)
+                rows.append(affectnet_row(rel, e))
+        if name == "training.csv":
+            rows += list(extra_train)
+        with open(os.path.join(root, name), "w") as f:
+            f.write("\n".join(rows) + "\n")
+    return str(root)
+
+
+def check_affectnet_labels(s):
+    for split in ("train", "val", "test"):
+        ds = getattr(s, split)
+        for k in range(len(ds)):
+            x, y = ds[k]
+            assert x.shape == (3,) + AN_SIZE
+            assert [round(v * 255) for v in x[:, 0, 0].tolist()] == list(LABEL_COLORS[y]), f"{split} {k}: {s.classes[y]}"
+
+
+def test_data_affectnet_7_classes_mapped_contempt_and_none_dropped_and_counted(tmp_path):
+    root = make_affectnet(tmp_path / "an", n=(10, 2))
+    assert data.detect_format(root) == "affectnet"
+    s = load_datasets(root, img_size=AN_SIZE)
+    assert s.info["format"] == "affectnet" and s.classes == CLASSES
+    assert s.counts() == {"train": [9] * 7, "val": [1] * 7, "test": [2] * 7}  # val out of train, test = validation.csv
+    assert s.info["dropped"] == {"Contempt": 12, "None": 12, "Uncertain": 12, "No-Face": 12}
+    text = s.summary()
+    assert "validation.csv" in text and "dropped" in text and "Contempt 12" in text and "No-Face 12" in text
+    check_affectnet_labels(s)
+
+
+def test_data_affectnet_8_classes_add_contempt_last(tmp_path):
+    root = make_affectnet(tmp_path / "an", n=(10, 2))
+    s = load_datasets(root, img_size=AN_SIZE, affectnet_classes=8)
+    assert s.classes == CLASSES + ("Contempt",)
+    assert s.counts() == {"train": [9] * 8, "val": [1] * 8, "test": [2] * 8}
+    assert s.info["dropped"] == {"None": 12, "Uncertain": 12, "No-Face": 12}
+    check_affectnet_labels(s)
+    with pytest.raises(DataError, match="affectnet_classes must be 7 or 8"):
+        load_datasets(root, img_size=AN_SIZE, affectnet_classes=10)
+
+
+def test_data_affectnet_images_under_root_headerless_csv_and_file_lists_folder(tmp_path):
+    root = make_affectnet(tmp_path / "an", n=(3, 1), images="", headers=(True, False))
+    lists = tmp_path / "an" / "Manually_Annotated_file_lists"  # where the official archive keeps them
+    os.makedirs(lists)
+    for name in ("training.csv", "validation.csv"):
+        os.rename(tmp_path / "an" / name, lists / name)
+    assert data.detect_format(root) == "affectnet"
+    s = load_datasets(root, img_size=AN_SIZE, val_fraction=0.0)
+    assert s.counts()["train"] == [3] * 7 and s.counts()["test"] == [1] * 7
+    check_affectnet_labels(s)
+
+
+def test_data_affectnet_missing_image_named_by_line_or_skipped(tmp_path):
+    root = make_affectnet(tmp_path / "an", n=(3, 1))
+    victim = os.path.join(root, "Manually_Annotated_Images", "101", "train_1_0.png")  # expression 1, line 5
+    os.remove(victim)
+    with pytest.raises(DataError) as e:
+        load_datasets(root, img_size=AN_SIZE)
+    assert "training.csv line 5" in str(e.value) and victim in str(e.value) and "not found" in str(e.value)
+    s = load_datasets(root, img_size=AN_SIZE, skip_bad_images=True, val_fraction=0.0)
+    assert len(s.info["skipped"]) == 1 and "skipped bad items: 1" in s.summary()
+    assert s.counts()["train"][CLASSES.index("Happy")] == 2
+
+
+@pytest.mark.parametrize("row, message", [
+    ("100/x.png,1,2,3,4,,notanumber,0,0", "malformed"),
+    (affectnet_row("100/train_0_0.png", 11), "expression 11 out of range 0..10"),
+    (affectnet_row("", 3), "malformed"),
+    ("100/train_0_0.png", "malformed"),
+])
+def test_data_affectnet_bad_rows_named_by_line_or_skipped(tmp_path, row, message):
+    root = make_affectnet(tmp_path / "an", n=(2, 1), extra_train=[row])
+    with pytest.raises(DataError, match=f"training.csv line {2 + 11 * 2}: .*{message}"):
+        load_datasets(root, img_size=AN_SIZE)
+    s = load_datasets(root, img_size=AN_SIZE, skip_bad_images=True, val_fraction=0.0)
+    assert len(s.info["skipped"]) == 1 and s.counts()["train"] == [2] * 7
+
+
+def test_data_affectnet_bad_header_is_named(tmp_path):
+    root = make_affectnet(tmp_path / "an", n=(1, 1))
+    text = open(os.path.join(root, "training.csv")).read().replace("expression", "emotion", 1)
+    with open(os.path.join(root, "training.csv"), "w") as f:
+        f.write(text)
+    with pytest.raises(DataError, match="training.csv line 1: the header lacks expression"):
+        load_datasets(root, img_size=AN_SIZE)
+
+
+def test_data_affectnet_crop_face_crops_the_csv_box(tmp_path):
+    root = make_affectnet(tmp_path / "an", n=(2, 1), extra_train=[affectnet_row("100/train_0_0.png", 0, (30, 0, 5, 5))])
+    with pytest.raises(DataError, match=f"training.csv line {2 + 11 * 2}: face box .*outside"):
+        load_datasets(root, img_size=AN_SIZE, crop_face=True)
+    s = load_datasets(root, img_size=AN_SIZE, crop_face=True, skip_bad_images=True)
+    face = torch.tensor(FACE_COLOR, dtype=torch.float32).view(3, 1, 1) / 255
+    for ds in (s.train, s.val, s.test):
+        for k in range(len(ds)):
+            assert torch.allclose(ds[k][0], face.expand(3, *AN_SIZE), atol=1e-6)  # nothing but the face
+    plain = load_datasets(root, img_size=AN_SIZE, skip_bad_images=True)  # default: the image as stored
+    assert not torch.allclose(plain.test[0][0][:, 0, 0], face.flatten())
+    with pytest.raises(DataError, match="crop_face"):
+        load_datasets(make_caer(tmp_path / "caer", n_train=2, n_test=1), img_size=SIZE, crop_face=True)
+
+
+def make_numbered(root, splits=("train", "val"), n=3, folders=range(9)):
+    for split in splits:
+        for e in folders:
+            for i in range(n):
+                write_affectnet_img(os.path.join(root, split, str(e), f"{i}.png"), e)
+    return str(root)
+
+
+def test_data_affectnet_numbered_folders_mapped_by_affectnet_numbering(tmp_path):
+    root = make_numbered(tmp_path / "an")  # train/ and val/ (the official validation set), folders 0..8
+    assert data.detect_format(root) == "folder"  # numbers are only AffectNet's when asked for
+    with pytest.raises(DataError, match="no test/.*--dataset affectnet"):
+        load_datasets(root, img_size=AN_SIZE)
+    numbered_folder_tree = make_numbered(tmp_path / "other", splits=("train", "test"), n=1)
+    assert "--dataset affectnet" in load_datasets(numbered_folder_tree, img_size=AN_SIZE).summary()
+    s = load_datasets(root, fmt="affectnet", img_size=AN_SIZE)
+    assert s.classes == CLASSES and s.counts()["test"] == [3] * 7  # val/ is the test split
+    assert s.counts()["val"] == [1] * 7 and s.info["dropped"] == {"Contempt": 6, "None": 6}
+    check_affectnet_labels(s)
+    s8 = load_datasets(root, fmt="affectnet", img_size=AN_SIZE, affectnet_classes=8)
+    assert s8.classes == CLASSES + ("Contempt",) and s8.counts()["test"] == [3] * 8
+    check_affectnet_labels(s8)
+    flat = load_datasets(make_numbered(tmp_path / "flat", splits=("",), n=5, folders=range(7)),
+                         fmt="affectnet", img_size=AN_SIZE)
+    assert flat.counts()["test"] == [1] * 7 and flat.counts()["val"] == [1] * 7
+    check_affectnet_labels(flat)
+
+
+def test_data_affectnet_numbered_folders_errors(tmp_path):
+    root = make_numbered(tmp_path / "an", folders=range(7))
+    with pytest.raises(DataError, match="lacks the AffectNet-8 class folders 7 \\(Contempt\\)"):
+        load_datasets(root, fmt="affectnet", img_size=AN_SIZE, affectnet_classes=8)
+    os.makedirs(tmp_path / "an" / "train" / "happy")
+    with pytest.raises(DataError, match="unexpected folder .*happy.*0 Neutral, 1 Happy"):
+        load_datasets(root, fmt="affectnet", img_size=AN_SIZE)
+
+
+# ---- data: the synthetic faces' disk cache and drawing -------------------------------------------
+
+def cached_files(folder):
+    return sorted(f for f in os.listdir(folder) if f.endswith(".npy"))
+
+
+def test_data_synthetic_cache_second_run_reads_the_same_pixels(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FACERWKV_CACHE", str(cache))
+    kw = dict(img_size=(24, 36), synthetic_size=(3, 1), seed=3, synthetic_processes=2)
+    first = load_datasets(None, **kw)
+    assert len(cached_files(cache)) == 2 and first.info["drawn"]["from_cache"] == 0  # train and test
+    fresh = {split: [np.asarray(data.synthetic_face(3, split, i, (24, 36))[0]) for i in range(n * 7)]
+             for split, n in (("train", 3), ("test", 1))}
+
+    def no_drawing(*args):
+        raise AssertionError("drew a face that is in the cache")
+
+    monkeypatch.setattr(data, "_synthetic_pixels", no_drawing)
+    second = load_datasets(None, **kw)
+    assert second.info["drawn"]["images"] == second.info["drawn"]["from_cache"] == 28
+    assert "read back from the cache" in second.summary()
+    for split in ("train", "test"):
+        source = getattr(second, split).source
+        assert all(np.array_equal(source.cache[i], fresh[split][i]) for i in range(len(source)))
+    for split in ("train", "val", "test"):
+        a, b = getattr(first, split), getattr(second, split)
+        assert a.indices == b.indices and all(torch.equal(a[k][0], b[k][0]) for k in range(len(a)))
+
+
+@pytest.mark.parametrize("change, hits", [(dict(seed=4), 0), (dict(img_size=(24, 37)), 0), (dict(generator="edited"), 0),
+                                          (dict(synthetic_size=(2, 1)), 7)])  # the test split is unchanged
+def test_data_synthetic_cache_key_changes_miss(tmp_path, monkeypatch, change, hits):
+    monkeypatch.setenv("FACERWKV_CACHE", str(tmp_path))
+    kw = dict(img_size=(24, 36), synthetic_size=(3, 1), seed=3, synthetic_processes=2)
+    load_datasets(None, **kw)
+    assert len(cached_files(tmp_path)) == 2
+    if change.pop("generator", None):  # the drawing code was edited
+        monkeypatch.setattr(data, "_generator_source", lambda: "# Synthetic faces, edited")
+    s = load_datasets(None, **{**kw, **change})
+    assert s.info["drawn"]["from_cache"] == hits and len(cached_files(tmp_path)) == 4 - hits // 7
+
+
+def test_data_synthetic_cache_broken_file_redrawn_off_and_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("FACERWKV_CACHE", str(tmp_path / "env"))
+    kw = dict(img_size=(20, 30), synthetic_size=(2, 1), seed=1, synthetic_processes=2)
+    load_datasets(None, **kw)
+    for f in cached_files(tmp_path / "env"):
+        (tmp_path / "env" / f).write_bytes(b"not an array")  # e.g. a disk that filled up
+    again = load_datasets(None, **kw)
+    assert again.info["drawn"]["from_cache"] == 0 and torch.equal(again.test[0][0], load_datasets(None, **kw).test[0][0])
+    assert load_datasets(None, **kw).info["drawn"]["from_cache"] == 21  # rewritten
+    load_datasets(None, **{**kw, "seed": 2}, synthetic_cache=False)
+    assert len(cached_files(tmp_path / "env")) == 2
+    load_datasets(None, **kw, synthetic_cache=str(tmp_path / "mine"))
+    assert len(cached_files(tmp_path / "mine")) == 2
+
+
+def test_data_synthetic_paste_rotated_equals_rotate_then_paste():
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        side = int(rng.integers(20, 90))
+        layer = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+        draw = ImageDraw.Draw(layer)
+        for _ in range(3):  # opaque shapes, some touching the layer's edges
+            x0, y0 = rng.integers(-10, side, size=2)
+            x1, y1 = x0 + rng.integers(1, side), y0 + rng.integers(1, side)
+            draw.ellipse([int(x0), int(y0), int(x1), int(y1)], fill=tuple(int(c) for c in rng.integers(1, 256, 3)))
+        canvas = Image.fromarray(rng.integers(0, 256, size=(60, 80, 3), dtype=np.uint8))
+        angle, left, top = rng.uniform(-30, 30), int(rng.integers(-30, 60)), int(rng.integers(-30, 40))
+        expected = canvas.copy()
+        turned = layer.rotate(angle, resample=Image.BILINEAR)
+        expected.paste(turned, (left, top), turned)
+        data._paste_rotated(canvas, layer, angle, left, top)
+        assert np.array_equal(np.asarray(canvas), np.asarray(expected)), f"trial {trial}"
+
+
 # ---- train.py (-k test_train) --------------------------------------------------------------------
 HERE = Path(__file__).resolve().parent
 # 7 classes x 4 train / 2 test faces of 32x48, 24 tokens, d=16: a step takes milliseconds
@@ -1354,3 +1748,53 @@ def test_train_recipe_poster_defaults_per_dataset_and_overridable(tmp_path):
     result = run(tmp_path, "poster", "--recipe", "poster", "--epochs", "1", "--batch-size", "8", "--lr", "1e-3")
     config = json.loads((Path(result["run_dir"]) / "config.json").read_text())
     assert config["args"]["optimizer"] == "sam" and config["args"]["schedule"] == "exp"
+
+
+def test_train_killed_and_resumed_with_the_poster_recipe_options_matches_uninterrupted(tmp_path):
+    """Exact resume holds with SAM, the exp schedule, random erasing and balanced batches too: their
+    state (the optimizer's, the schedule's step, the RNG that erases) is all in last.pt."""
+    common = ["--epochs", "3", "--save-every-steps", "2", "--optimizer", "sam", "--schedule", "exp",
+              "--lr-gamma", "0.5", "--random-erasing", "0.5", "--balanced-sampler", "--hflip"]
+    full = run(tmp_path, "full", *common)
+    stopped = run(tmp_path, "killed", *common, "--stop-after-steps", "7")
+    assert stopped["stopped_at_step"] == 7
+    train.main(["--resume", str(tmp_path / "killed")])
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == full["steps"] == 9
+    assert a["scheduler"]["_last_lr"] == pytest.approx([1e-3 * 0.5 ** 3])  # three epochs of x0.5
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    # and the options did something: the same run without them ends elsewhere
+    plain = run(tmp_path, "plain", "--epochs", "3")
+    c = torch.load(Path(plain["run_dir"]) / "last.pt", weights_only=True)
+    assert any(not torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
+
+
+def test_train_balanced_sampler_ranks_share_one_global_batch(tmp_path):
+    """Two ranks' k-th batches together are the one-process run's k-th batch, and the classes of
+    an imbalanced train set come out about equally often."""
+    labels = [0] * 90 + [1] * 9 + [2] * 1
+    ds = torch.utils.data.TensorDataset(torch.arange(100), torch.tensor(labels))
+    ds.labels = labels
+    args, _ = train.parse_args(["--balanced-sampler", "--workers", "0", "--seed", "3"])
+    cpu = torch.device("cpu")
+    one = [x.tolist() for x, _ in train.epoch_batches(ds, 2, 0, args, 0, 1, 10, cpu)]
+    two = [[x.tolist() for x, _ in train.epoch_batches(ds, 2, 0, args, r, 2, 5, cpu)] for r in range(2)]
+    for k, batch in enumerate(one):
+        assert sorted(batch) == sorted(two[0][k] + two[1][k])
+    drawn = np.bincount([labels[i] for b in one for i in b], minlength=3)
+    assert drawn.sum() == 100 and drawn.min() >= 20  # ~33 each, though class 2 has a single image
+
+
+def test_train_affectnet_end_to_end_with_8_classes(tmp_path):
+    root = str(tmp_path / "affectnet")
+    make_affectnet(root, n=(6, 2))
+    result = train.main([*TINY_ARGS, "--data", root, "--affectnet-classes", "8", "--epochs", "1",
+                         "--out", str(tmp_path), "--name", "an8", "--recipe", "poster", "--epochs", "1",
+                         "--batch-size", "8", "--lr", "1e-3"])
+    config = json.loads((tmp_path / "an8" / "config.json").read_text())
+    assert config["model"]["n_classes"] == 8 and config["args"]["balanced_sampler"] is False  # AffectNet-7 only
+    assert sum(map(sum, result["test_confusion"])) == 8 * 2 and 0 <= result["test_mean_class_acc"] <= 1
+    args, _ = train.parse_args(["--data", root, "--recipe", "poster"])
+    assert args.balanced_sampler and args.lr == 1e-6 and args.dataset == "auto"

@@ -81,7 +81,7 @@ POSTER_RECIPE = dict(
 POSTER_PER_DATASET = {
     "rafdb": dict(lr=3.5e-5, random_erasing=0.5, erasing_scale=(0.02, 0.1)),
     "caer": dict(lr=4e-5),
-    "affectnet": dict(lr=1e-6, balanced_sampler=True),
+    "affectnet": dict(lr=1e-6),
 }
 POSTER_OTHER_LR = 3.5e-5  # datasets POSTER V2 never trained on (FER2013, folders, synthetic): RAF-DB's
 
@@ -155,8 +155,13 @@ def build_parser():
 
     g = p.add_argument_group("data (section 3)")
     g.add_argument("--data", metavar="PATH", help="dataset root or file; unset: built-in synthetic faces (demo)")
-    g.add_argument("--dataset", default="auto", choices=("auto", "caer-s", "folder", "rafdb", "fer2013", "synthetic"),
+    g.add_argument("--dataset", default="auto",
+                   choices=("auto", "caer-s", "folder", "rafdb", "fer2013", "affectnet", "synthetic"),
                    help="dataset format (default: auto-detect)")
+    g.add_argument("--affectnet-classes", type=int, choices=(7, 8), default=7,
+                   help="AffectNet-7 (the basic seven) or AffectNet-8 (+ Contempt); labels 8-10 are dropped")
+    g.add_argument("--crop-face", action=argparse.BooleanOptionalAction, default=False,
+                   help="AffectNet csv: crop each image to its face box (default: the image as stored)")
     g.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of train moved to validation when there is no val split (default 0.1)")
     g.add_argument("--sanity", type=int, metavar="N", help="use only N images per class (the sanity check)")
@@ -250,7 +255,8 @@ def recipe_defaults(args):
     fmt = {"caer-s": "caer"}.get(args.dataset, args.dataset)
     if fmt == "auto":
         fmt = "synthetic" if args.data is None else data.detect_format(args.data)
-    return {**POSTER_RECIPE, "lr": POSTER_OTHER_LR, **POSTER_PER_DATASET.get(fmt, {})}
+    balanced = fmt == "affectnet" and args.affectnet_classes == 7  # AffectNet-7 only, as POSTER V2
+    return {**POSTER_RECIPE, "lr": POSTER_OTHER_LR, **POSTER_PER_DATASET.get(fmt, {}), "balanced_sampler": balanced}
 
 
 def is_demo(args):
@@ -357,8 +363,9 @@ def build_model(config, args, log, fresh=True):
 
 
 def synthetic_processes():
-    """Processes that draw the synthetic faces up front: this machine's cores, shared by the ranks."""
-    return max(1, min(os.cpu_count() or 1, 8) // int(os.environ.get("WORLD_SIZE", "1")))
+    """Processes that draw the synthetic faces up front: this machine's cores, shared by the ranks
+    (at least 2: drawing ahead is also what fills the disk cache of drawn faces)."""
+    return max(2, min(os.cpu_count() or 1, 8) // int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def load_splits(args, config, draw_ahead=True):
@@ -367,7 +374,9 @@ def load_splits(args, config, draw_ahead=True):
                               img_size=config.img_size, val_fraction=args.val_fraction, seed=args.seed,
                               sanity_per_class=args.sanity, hflip=args.hflip, normalize=config.imagenet_norm,
                               skip_bad_images=args.skip_bad_images, synthetic_size=args.synthetic_size,
-                              synthetic_processes=synthetic_processes() if draw_ahead else 1)
+                              synthetic_processes=synthetic_processes() if draw_ahead else 1,
+                              random_erasing=args.random_erasing, erasing_scale=args.erasing_scale,
+                              affectnet_classes=args.affectnet_classes, crop_face=args.crop_face)
 
 
 # -----------------------------------------------------------------------------
@@ -751,7 +760,8 @@ def log_settings(run):
     demo = " (demo defaults: no --data, built-in synthetic faces at reduced resolution)" if args.data is None else ""
     log(f"settings{demo}:")
     log("  model    " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(run.config).items()))
-    groups = {"data": ("data", "dataset", "val_fraction", "sanity", "skip_bad_images", "synthetic_size", "workers"),
+    groups = {"data": ("data", "dataset", "affectnet_classes", "crop_face", "val_fraction", "sanity", "skip_bad_images",
+                       "synthetic_size", "workers"),
               "recipe": ("recipe", "epochs", "batch_size", "optimizer", "sam_rho", "lr", "schedule", "warmup_epochs",
                          "lr_gamma", "clip", "weight_decay", "hflip", "random_erasing", "erasing_scale",
                          "balanced_sampler"),
