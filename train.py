@@ -48,7 +48,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 import data
-from facerwkv import PRESETS, Block, FaceRWKV, FaceRWKVConfig, TransformerBlock
+from facerwkv import (POSTER_PRESETS, PRESETS, Block, FaceRWKV, FaceRWKVConfig, PosterConfig, PosterRWKV,
+                      TransformerBlock, VRWKVBlock, poster_param_count)
 
 # -----------------------------------------------------------------------------
 # Settings: the recipes, the demo's defaults, and one preset per paper experiment
@@ -106,10 +107,20 @@ EXPERIMENTS = {
     "table5-pos-emb": dict(size="small", pos_emb=True, epochs=15),
     "table5-linear-head": dict(size="small", head="linear", epochs=15),
     "table5-no-rwkv": dict(size="small", backbone="resnet50", patch_size=5, mixer="identity", epochs=15),
+    # The project's objective (project-note.md): POSTER V2 with RWKV in place of its transformer,
+    # beside POSTER V2 itself. Add --ir50-weights ir50.pth --landmark-weights mobilefacenet_model_best.pth.tar.
+    "poster-v2": dict(size="poster-v2", img_size=(224, 224)),
+    "poster-rwkv": dict(size="poster-rwkv", img_size=(224, 224)),
+    "poster-vrwkv": dict(size="poster-vrwkv", img_size=(224, 224)),
+    "poster-small": dict(size="poster-small", img_size=(112, 112)),             # trains on a CPU
 }
+# POSTER's backbones see every image at 112x112: on the demo's synthetic faces, draw them at that size
+DEMO_POSTER_IMG_SIZE = (112, 112)
 
 MODEL_FLAGS = ("n_layer", "n_embd", "dim_att", "dim_ffn", "n_head", "patch_size", "backbone",
                "freeze_backbone", "imagenet_norm", "pos_emb", "pool", "head", "mixer")
+# the FaceRWKV flags that mean something for POSTER, and its name for them
+POSTER_FLAGS = {"n_layer": "depth", "n_embd": "embed_dim", "n_head": "n_head", "pool": "pool", "mixer": "mixer"}
 # settings a checkpoint does not carry over to --resume / --eval-only (they describe this process)
 PER_PROCESS = ("resume", "eval_only", "predict", "ckpt", "plot", "plot_out", "stop_after_steps", "device")
 
@@ -130,9 +141,10 @@ def build_parser():
                            for name, s in EXPERIMENTS.items()))
 
     g = p.add_argument_group("model (section 4.2, Table 1)", "unset options come from the --size preset")
-    g.add_argument("--size", default="small", choices=tuple(PRESETS),
+    g.add_argument("--size", default="small", choices=tuple(PRESETS) + tuple(POSTER_PRESETS),
                    help="Table 1 preset: small 2x128, medium 4x256, large 6x512, hybrid = large on the "
-                        "ResNet50 stem with 5x5 patches (default: small)")
+                        "ResNet50 stem with 5x5 patches (default: small); or a POSTER preset: "
+                        + ", ".join(POSTER_PRESETS))
     g.add_argument("--n-layer", type=int, help="number of RWKV blocks")
     g.add_argument("--n-embd", type=int, help="embedding width d")
     g.add_argument("--dim-att", type=int, help="time-mix width (default d; the paper's code used n_head)")
@@ -148,10 +160,16 @@ def build_parser():
     g.add_argument("--imagenet-norm", action=argparse.BooleanOptionalAction,
                    help="normalise inputs with the ImageNet mean/std (default on)")
     g.add_argument("--pos-emb", action=argparse.BooleanOptionalAction, help="learned positional embedding")
-    g.add_argument("--pool", choices=("last", "mean"), help="classify the last token (paper) or the mean")
+    g.add_argument("--pool", choices=("last", "mean", "cls"),
+                   help="classify the last token (paper) or the mean (cls: POSTER V2's transformer only)")
     g.add_argument("--head", choices=("mlp", "linear"), help="classifier head (default mlp)")
-    g.add_argument("--mixer", choices=("rwkv", "transformer", "identity"),
-                   help="token mixer: rwkv, a transformer block for comparison, identity = 'w/o RWKV'")
+    g.add_argument("--mixer", choices=("rwkv", "vrwkv", "transformer", "identity"),
+                   help="token mixer: rwkv, vrwkv (Vision-RWKV: Bi-WKV + Q-Shift), a transformer block for "
+                        "comparison, identity = 'w/o RWKV'")
+    g.add_argument("--ir50-weights", metavar="PATH", help="POSTER: ArcFace IR-50 state dict (ir50.pth) for the "
+                   "image backbone")
+    g.add_argument("--landmark-weights", metavar="PATH", help="POSTER: MobileFaceNet checkpoint "
+                   "(mobilefacenet_model_best.pth.tar); the landmark branch is then frozen")
 
     g = p.add_argument_group("data (section 3)")
     g.add_argument("--data", metavar="PATH", help="dataset root or file; unset: built-in synthetic faces (demo)")
@@ -234,7 +252,10 @@ def build_parser():
                    help="token counts of --benchmark (600 = 400x600 with 20x20 patches)")
     g.add_argument("--bench-methods", nargs="+", metavar="M",
                    default=["rwkv-block", "transformer-block", "rwkv-model", "transformer-model", "rwkv-rnn"],
-                   help="rwkv-block transformer-block rwkv-model transformer-model rwkv-rnn")
+                   help="rwkv-block vrwkv-block transformer-block rwkv-model transformer-model rwkv-rnn")
+    g.add_argument("--bench-poster", nargs="*", default=["poster-v2", "poster-rwkv", "poster-vrwkv"], metavar="PRESET",
+                   help="POSTER presets timed at their image size: forward+backward and the token mixer's share")
+    g.add_argument("--bench-poster-batch", type=int, default=4, help="images per POSTER call (default 4)")
     g.add_argument("--bench-width", type=int, default=128, help="model width d of --benchmark (default 128 = small)")
     g.add_argument("--bench-batch", type=int, default=1, help="images (or sequences) per call (default 1)")
     g.add_argument("--bench-repeats", type=int, default=3, help="timed calls per point, median reported")
@@ -279,10 +300,12 @@ def parse_args(argv):
         experiment = dict(EXPERIMENTS.get(first.experiment, {}))
         if is_demo(first):
             experiment.pop("patch_size", None)  # the demo's patch grid instead (DEMO_PATCH)
+            if "img_size" in experiment:
+                experiment["img_size"] = DEMO_POSTER_IMG_SIZE
             parser.set_defaults(**DEMO)
         parser.set_defaults(**recipe_defaults(first), **experiment)
     args = parser.parse_args(argv)
-    if is_demo(args) and args.patch_size is None and not ckpt:
+    if is_demo(args) and args.patch_size is None and not ckpt and args.size in PRESETS:
         backbone = args.backbone or PRESETS[args.size].get("backbone", "none")
         args.patch_size = DEMO_PATCH[backbone]
     args.img_size, args.synthetic_size = tuple(args.img_size), tuple(args.synthetic_size)
@@ -330,7 +353,8 @@ class LinearProbe(nn.Module):
         return text
 
 
-ARCHS = {"FaceRWKV": (FaceRWKVConfig, FaceRWKV), "LinearProbe": (LinearProbeConfig, LinearProbe)}
+ARCHS = {"FaceRWKV": (FaceRWKVConfig, FaceRWKV), "PosterRWKV": (PosterConfig, PosterRWKV),
+         "LinearProbe": (LinearProbeConfig, LinearProbe)}
 
 
 def model_config(args, n_classes):
@@ -339,6 +363,10 @@ def model_config(args, n_classes):
     if args.linear_probe:
         return LinearProbeConfig(img_size=args.img_size, n_classes=n_classes,
                                  imagenet_norm=args.imagenet_norm is not False)
+    if args.size in POSTER_PRESETS:
+        return poster_config(args, n_classes)
+    if args.ir50_weights or args.landmark_weights:
+        raise UsageError("--ir50-weights and --landmark-weights are for the POSTER models (--experiment poster-...)")
     overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
     if args.backbone_weights and args.imagenet_norm is False:
         raise UsageError("--backbone-weights: the pretrained ResNet50 stem expects ImageNet-normalised inputs; "
@@ -349,14 +377,37 @@ def model_config(args, n_classes):
         raise UsageError(f"model settings: {e}") from None
 
 
+def poster_config(args, n_classes):
+    """PosterConfig from the POSTER --size preset and the model flags that apply to it."""
+    H, W = args.img_size
+    if H != W:
+        raise UsageError(f"POSTER takes square images; --img-size {H} {W}: use e.g. --img-size 224 224")
+    wrong = [f"--{k.replace('_', '-')}" for k in MODEL_FLAGS if getattr(args, k) is not None and k not in POSTER_FLAGS
+             and k != "imagenet_norm"]
+    if wrong or args.imagenet_norm is False:
+        raise UsageError(f"{' '.join(wrong) or '--no-imagenet-norm'}: not a POSTER setting (it takes "
+                         + ", ".join(f"--{k.replace('_', '-')}" for k in POSTER_FLAGS) + ")")
+    overrides = {POSTER_FLAGS[k]: getattr(args, k) for k in POSTER_FLAGS if getattr(args, k) is not None}
+    try:
+        return PosterConfig.preset(args.size, img_size=H, n_classes=n_classes, **overrides)
+    except ValueError as e:
+        raise UsageError(f"model settings: {e}") from None
+
+
 def build_model(config, args, log, fresh=True):
     """The model of this config; a fresh one gets the pretrained weights the flags name."""
     model = next(cls for cfg, cls in ARCHS.values() if isinstance(config, cfg))(config)
-    if fresh and args.backbone_weights:
-        try:
-            model.load_backbone_weights(args.backbone_weights)
-        except (OSError, ValueError) as e:
-            raise UsageError(str(e)) from None
+    loads = {"load_backbone_weights": args.backbone_weights, "load_ir50_weights": getattr(args, "ir50_weights", None),
+             "load_landmark_weights": getattr(args, "landmark_weights", None)}
+    for method, path in loads.items():
+        if fresh and path:
+            try:
+                getattr(model, method)(path)
+            except (OSError, ValueError) as e:
+                raise UsageError(str(e)) from None
+    if isinstance(model, PosterRWKV):
+        log(model.landmark_status + ("" if model.config.freeze_landmarks else
+                                     " (pass --landmark-weights PATH to use POSTER V2's frozen landmark detector)"))
     if getattr(config, "freeze_backbone", False) and not args.backbone_weights:
         log("warning: the frozen ResNet50 stem has random weights; pass --backbone-weights PATH")
     return model
@@ -368,10 +419,15 @@ def synthetic_processes():
     return max(2, min(os.cpu_count() or 1, 8) // int(os.environ.get("WORLD_SIZE", "1")))
 
 
+def input_size(config):
+    """(H, W) of the model's input images (POSTER's configs hold one side: its images are square)."""
+    return (config.img_size,) * 2 if isinstance(config.img_size, int) else tuple(config.img_size)
+
+
 def load_splits(args, config, draw_ahead=True):
     """train/val/test as the model expects them (its img_size; ImageNet-normalised unless it says not)."""
     return data.load_datasets(root=args.data, fmt={"caer-s": "caer"}.get(args.dataset, args.dataset),
-                              img_size=config.img_size, val_fraction=args.val_fraction, seed=args.seed,
+                              img_size=input_size(config), val_fraction=args.val_fraction, seed=args.seed,
                               sanity_per_class=args.sanity, hflip=args.hflip, normalize=config.imagenet_norm,
                               skip_bad_images=args.skip_bad_images, synthetic_size=args.synthetic_size,
                               synthetic_processes=synthetic_processes() if draw_ahead else 1,
@@ -940,7 +996,7 @@ def predict(paths, ckpt_path, device_flag):
     classes = ckpt["classes"]
     results = {}
     for path in paths:
-        image = data.load_image(path, model.config.img_size, normalize=model.config.imagenet_norm)
+        image = data.load_image(path, input_size(model.config), normalize=model.config.imagenet_norm)
         probs = F.softmax(model(image[None].to(device)).float(), dim=1)[0].cpu()
         results[path] = dict(zip(classes, probs.tolist()))
         top = int(probs.argmax())
@@ -964,6 +1020,15 @@ def count_params(args):
         print(f"{size:<8} {counts[size]:>12,} {model.num_params(trainable_only=True):>12,} {paper / 1e6:>7.1f}M   "
               f"L={config.n_layer} d={config.n_embd} dim_att={config.dim_att} dim_ffn={config.dim_ffn} "
               f"patch={config.patch_size} backbone={config.backbone}")
+    print("\nPOSTER models at 224x224, 7 classes (Table 4 quotes POSTER++ at 43.7 M). 'as POSTER V2' counts the way its "
+          "paper does (thop: leaf modules that run, raw parameters excluded, its discarded GDC head included):")
+    print(f"{'model':<13} {'all':>12} {'as POSTER V2':>13}   config")
+    for name in POSTER_PRESETS:
+        config = PosterConfig.preset(name, img_size=224 if name != "poster-small" else 112)
+        model = PosterRWKV(config)
+        counts[name] = (model.num_params(), poster_param_count(model))
+        print(f"{name:<13} {counts[name][0]:>12,} {counts[name][1]:>13,}   mixer={config.mixer} depth={config.depth} "
+              f"embed={config.embed_dim} dims={config.dims} ir_units={config.ir_units} img={config.img_size}")
     return counts
 
 
@@ -1090,7 +1155,9 @@ def bench_point(method, tokens, mode, width, batch, device, repeats, threads):
     device = torch.device(device)
     if method.endswith("block"):
         cfg = FaceRWKVConfig(n_layer=1, n_embd=width, img_size=(20, 20), mixer=method.split("-")[0])
-        module = (Block(cfg, 0) if cfg.mixer == "rwkv" else TransformerBlock(cfg)).to(device)
+        blocks = {"rwkv": lambda: Block(cfg, 0), "transformer": lambda: TransformerBlock(cfg),
+                  "vrwkv": lambda: VRWKVBlock(cfg, 0, grids=[bench_grid(tokens)])}
+        module = blocks[cfg.mixer]().to(device)
         x = torch.randn(batch, tokens, width, device=device)
         call = module
     else:
@@ -1135,6 +1202,37 @@ def bench_point(method, tokens, mode, width, batch, device, repeats, threads):
     return dict(method=method, tokens=tokens, mode=mode, ms=sorted(times)[len(times) // 2], peak_mb=peak / 2**20)
 
 
+def poster_point(preset, batch, device, repeats, threads):
+    """Median forward+backward milliseconds of a POSTER preset at its image size, and of its token
+    mixer alone on the same 147 tokens: the mixer's share of the model's cost."""
+    torch.manual_seed(0)
+    if threads:
+        torch.set_num_threads(threads)
+    model = PosterRWKV(PosterConfig.preset(preset)).to(device).train()
+    S = model.config.img_size
+    images = torch.randn(batch, 3, S, S, device=device)
+    with torch.no_grad():
+        tokens = model.tokens(images)  # (B, 147, E)
+
+    def median_ms(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(1e3 * (time.perf_counter() - t0))
+        model.zero_grad(set_to_none=True)
+        return sorted(times)[len(times) // 2]
+
+    full = median_ms(lambda: model(images).square().mean().backward())
+    mixer = median_ms(lambda: model.mixer(tokens.clone().requires_grad_()).square().mean().backward())
+    return dict(preset=preset, img_size=S, batch=batch, ms=full, mixer_ms=mixer, mixer_share=mixer / full)
+
+
 def wkv_share(batch, threads):
     """Fraction of a small-model training step (paper resolution, 600 tokens) spent in the WKV op,
     from torch.profiler: the WKVFunction forward and backward against the whole step."""
@@ -1165,7 +1263,8 @@ def wkv_share(batch, threads):
 
 
 def run_benchmark(args):
-    """--benchmark: the table of every method x tokens, printed and written as CSV."""
+    """--benchmark: the table of every method x tokens, printed and written as CSV; the POSTER
+    presets' forward+backward and their token mixer's share."""
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per point
     rows = []
@@ -1200,12 +1299,23 @@ def run_benchmark(args):
         print(f"| {r['tokens']} | {r['method']} | {r['mode']} | {r['ms']:.1f} | {r['peak_mb']:.1f} | "
               f"{r['time_ratio']:.2f} | {r['memory_ratio']:.2f} |")
     print(f"\nwrote {out}")
+    poster_rows = []
+    if args.bench_poster:
+        print(f"\nPOSTER, forward + backward of {args.bench_poster_batch} images (median of {args.bench_repeats}):")
+        print("| model | image | ms | token mixer ms | mixer share |\n|---|---:|---:|---:|---:|")
+        for preset in args.bench_poster:
+            with ctx.Pool(1) as pool:
+                r = pool.apply(poster_point, (preset, args.bench_poster_batch, device, args.bench_repeats,
+                                              torch.get_num_threads()))
+            poster_rows.append(r)
+            print(f"| {preset} | {r['img_size']} | {r['ms']:.0f} | {r['mixer_ms']:.1f} | {100 * r['mixer_share']:.1f} % |",
+                  flush=True)
     if device == "cpu" and args.bench_share_batch > 0:
         with ctx.Pool(1) as pool:
             step_ms, wkv_ms = pool.apply(wkv_share, (args.bench_share_batch, torch.get_num_threads()))
         print(f"small model, 600 tokens, batch {args.bench_share_batch}: train step {step_ms:.0f} ms, "
               f"of which WKV {wkv_ms:.1f} ms = {100 * wkv_ms / step_ms:.1f} %")
-    return rows
+    return {"benchmark": rows, "poster": poster_rows}
 
 
 # -----------------------------------------------------------------------------
@@ -1217,7 +1327,7 @@ def main(argv=None):
         if args.count_params:
             return count_params(args)
         if args.benchmark:
-            return {"benchmark": run_benchmark(args)}
+            return run_benchmark(args)
         if args.plot:
             return {"plot": plot_runs(args.plot, args.plot_out)}
         if args.predict:
