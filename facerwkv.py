@@ -188,7 +188,8 @@ class FaceRWKVConfig:
     freeze_backbone: bool = False
     imagenet_norm: bool = True    # (x - mean) / std per colour, done by the data pipeline; on by default (README)
     pos_emb: bool = False         # learned positional embedding added to the patch tokens
-    pool: str = "last"            # "last" token (the paper) | "mean" over tokens
+    pool: str = "last"            # "last" token (the paper) | "mean" over tokens; "last" for vrwkv too, by
+                                  # measurement (demo scale, 2 seeds: 90.1 % against 88.6 %; see README)
     head: str = "mlp"             # "mlp" (Linear d->d, ReLU, Linear d->classes) | "linear"
     mixer: str = "rwkv"           # "rwkv" | "vrwkv" (Vision-RWKV) | "transformer" | "identity" ("w/o RWKV")
 
@@ -637,6 +638,18 @@ def read_state_dict(path):
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
+def param_table(model, title, raw=(), extra=()):
+    """Print (and return) a model's trainable / total parameters per part (child module); `raw`
+    names parameters held outside the children, `extra` adds lines at the end."""
+    rows = [(name, list(m.parameters())) for name, m in model.named_children()]
+    rows += [(name, [getattr(model, name)]) for name in raw] + [("total", list(model.parameters()))]
+    lines = [title] + [f"  {name:<14} {sum(p.numel() for p in ps if p.requires_grad):>12,} trainable / "
+                       f"{sum(p.numel() for p in ps):>12,}" for name, ps in rows]
+    text = "\n".join(lines + list(extra))
+    print(text)
+    return text
+
+
 # -----------------------------------------------------------------------------
 # The full model
 
@@ -764,21 +777,12 @@ class FaceRWKV(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def print_param_summary(self):
-        """Print (and return) trainable / total parameters per part of the model."""
+        """Print (and return) trainable / total parameters per part of the model (Table 4)."""
         c = self.config
-        lines = [f"FaceRWKV {c.mixer} L={c.n_layer} d={c.n_embd} dim_att={c.dim_att} dim_ffn={c.dim_ffn} "
-                 f"backbone={c.backbone} tokens={c.n_tokens} ({c.grid[0]}x{c.grid[1]} patches of {c.patch_size})"]
-        for name, module in self.named_children():
-            params = list(module.parameters())
-            total = sum(p.numel() for p in params)
-            trainable = sum(p.numel() for p in params if p.requires_grad)
-            lines.append(f"  {name:<12} {trainable:>12,} trainable / {total:>12,}")
-        if self.pos_emb is not None:
-            lines.append(f"  {'pos_emb':<12} {self.pos_emb.numel():>12,} trainable / {self.pos_emb.numel():>12,}")
-        lines.append(f"  {'total':<12} {self.num_params(True):>12,} trainable / {self.num_params():>12,}")
-        text = "\n".join(lines)
-        print(text)
-        return text
+        return param_table(self, f"FaceRWKV {c.mixer} L={c.n_layer} d={c.n_embd} dim_att={c.dim_att} "
+                                 f"dim_ffn={c.dim_ffn} backbone={c.backbone} tokens={c.n_tokens} "
+                                 f"({c.grid[0]}x{c.grid[1]} patches of {c.patch_size})",
+                           raw=["pos_emb"] if self.pos_emb is not None else [])
 
 
 # ==================================================================================================
@@ -1495,19 +1499,11 @@ class PosterRWKV(nn.Module):
     def print_param_summary(self):
         """Print (and return) trainable / total parameters per part, and POSTER V2's count."""
         c = self.config
-        lines = [f"POSTER {c.mixer} depth={c.depth} embed_dim={c.embed_dim} dims={c.dims} ir_units={c.ir_units} "
-                 f"tokens={c.n_tokens} pool={c.pool} img_size={c.img_size} ({self.landmark_status})"]
-        for name, module in self.named_children():
-            params = list(module.parameters())
-            total = sum(p.numel() for p in params)
-            trainable = sum(p.numel() for p in params if p.requires_grad)
-            lines.append(f"  {name:<14} {trainable:>12,} trainable / {total:>12,}")
-        lines.append(f"  {'total':<14} {self.num_params(True):>12,} trainable / {self.num_params():>12,}")
-        lines.append(f"  counted as POSTER V2 counts (thop: leaf modules that run, + its GDC head): "
-                     f"{poster_param_count(self):,}")
-        text = "\n".join(lines)
-        print(text)
-        return text
+        return param_table(self, f"POSTER {c.mixer} depth={c.depth} embed_dim={c.embed_dim} dims={c.dims} "
+                                 f"ir_units={c.ir_units} tokens={c.n_tokens} pool={c.pool} img_size={c.img_size} "
+                                 f"({self.landmark_status})",
+                           extra=[f"  counted as POSTER V2 counts (thop: leaf modules that run, + its GDC head): "
+                                  f"{poster_param_count(self):,}"])
 
 
 def gdc_head_params(config):
