@@ -37,16 +37,26 @@ __device__ __forceinline__ float rescale(float x, float y, float* ex, float* ey)
     return fmaxf(x, y);
 }
 
+// This thread's share of the work: one batch element and its channels c0 .. c0 + lanes - 1
+// (WKV_LANES of them, fewer at the end of a row).  False for the threads past the last (batch,
+// group of channels): they do nothing.
+__device__ __forceinline__ bool thread_channels(int B, int C, int* batch, int* c0, int* lanes) {
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const int groups = (C + WKV_LANES - 1) / WKV_LANES;
+    if (idx >= (long long)B * groups) return false;
+    *batch = (int)(idx / groups);
+    *c0 = (int)(idx % groups) * WKV_LANES;
+    *lanes = (C - *c0 < WKV_LANES) ? C - *c0 : WKV_LANES;
+    return true;
+}
+
 extern "C" __global__ void wkv_forward(int B, int T, int C,
                                        const float* __restrict__ w, const float* __restrict__ u,
                                        const float* __restrict__ k, const float* __restrict__ v,
                                        float* __restrict__ y) {
-    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const int groups = (C + WKV_LANES - 1) / WKV_LANES;
-    if (idx >= (long long)B * groups) return;
-    const int c0 = (int)(idx % groups) * WKV_LANES;                  // this thread's first channel
-    const int lanes = (C - c0 < WKV_LANES) ? C - c0 : WKV_LANES;
-    const long long start = (idx / groups) * (long long)T * C + c0;  // element (b, 0, c0)
+    int batch, c0, lanes;
+    if (!thread_channels(B, C, &batch, &c0, &lanes)) return;
+    const long long start = ((long long)batch * T) * C + c0;  // element (batch, 0, c0)
 
     // state: numerator a = aa e^{pp}, denominator b = bb e^{pp}, empty at t = 0, where
     // pp = p_max - steps_since w is the largest exponent seen, p_max, decayed over the steps
@@ -91,12 +101,9 @@ extern "C" __global__ void wkv_backward(int B, int T, int C,
                                         const float* __restrict__ y, const float* __restrict__ gy,
                                         float* __restrict__ gw, float* __restrict__ gu,
                                         float* __restrict__ gk, float* __restrict__ gv) {
-    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const int groups = (C + WKV_LANES - 1) / WKV_LANES;
-    if (idx >= (long long)B * groups) return;
-    const int c0 = (int)(idx % groups) * WKV_LANES;
-    const int lanes = (C - c0 < WKV_LANES) ? C - c0 : WKV_LANES;
-    const long long start = (idx / groups) * (long long)T * C + c0;
+    int batch, c0, lanes;
+    if (!thread_channels(B, C, &batch, &c0, &lanes)) return;
+    const long long start = ((long long)batch * T) * C + c0;  // element (batch, 0, c0)
 
     // sweep 1: a = aa e^{pp}, b = bb e^{pp} as in the forward; a' = da e^{pp}, b' = db e^{pp}
     float aa[WKV_LANES], bb[WKV_LANES], da[WKV_LANES], db[WKV_LANES], p_max[WKV_LANES];
@@ -130,7 +137,7 @@ extern "C" __global__ void wkv_backward(int B, int T, int C,
             p_max[l] = (past >= kk) ? p_max[l] : kk;
         }
     }
-    const long long bc = (idx / groups) * C + c0;  // element (b, c0) of gw, gu
+    const long long bc = (long long)batch * C + c0;  // element (batch, c0) of gw, gu
     for (int l = 0; l < lanes; l++) { gw[bc + l] = sum_gw[l]; gu[bc + l] = sum_gu[l]; }
 
     // sweep 2: A_t = ga e^{pa}, B_t = gb e^{pa}, empty after the last token; pa = p_max -
@@ -226,12 +233,9 @@ extern "C" __global__ void biwkv_forward(int B, int T, int C,
                                          const float* __restrict__ w, const float* __restrict__ u,
                                          const float* __restrict__ k, const float* __restrict__ v,
                                          float* __restrict__ y, float* __restrict__ work) {
-    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const int groups = (C + WKV_LANES - 1) / WKV_LANES;
-    if (idx >= (long long)B * groups) return;
-    const int c0 = (int)(idx % groups) * WKV_LANES;
-    const int lanes = (C - c0 < WKV_LANES) ? C - c0 : WKV_LANES;
-    const long long start = (idx / groups) * (long long)T * C + c0;
+    int batch, c0, lanes;
+    if (!thread_channels(B, C, &batch, &c0, &lanes)) return;
+    const long long start = ((long long)batch * T) * C + c0;  // element (batch, 0, c0)
     const long long N = (long long)B * T * C;  // one plane of work
     float* const a_work = work;
     float* const b_work = work + N;
@@ -315,12 +319,9 @@ extern "C" __global__ void biwkv_backward(int B, int T, int C,
                                           float* __restrict__ gw, float* __restrict__ gu,
                                           float* __restrict__ gk, float* __restrict__ gv,
                                           float* __restrict__ work) {
-    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const int groups = (C + WKV_LANES - 1) / WKV_LANES;
-    if (idx >= (long long)B * groups) return;
-    const int c0 = (int)(idx % groups) * WKV_LANES;
-    const int lanes = (C - c0 < WKV_LANES) ? C - c0 : WKV_LANES;
-    const long long start = (idx / groups) * (long long)T * C + c0;
+    int batch, c0, lanes;
+    if (!thread_channels(B, C, &batch, &c0, &lanes)) return;
+    const long long start = ((long long)batch * T) * C + c0;  // element (batch, 0, c0)
     const long long N = (long long)B * T * C;
     // work planes: the past (b, m, s, n, lam, mu) after sweep 1; q_t's (Q, s, n) over b, s, n after sweep 2
     float* const b_work = work;
@@ -386,7 +387,7 @@ extern "C" __global__ void biwkv_backward(int B, int T, int C,
             gyy[l] = e_old * gyy[l] + e_new * Q * yy;
         }
     }
-    const long long bc = (idx / groups) * C + c0;  // element (b, c0) of gw, gu
+    const long long bc = (long long)batch * C + c0;  // element (batch, c0) of gw, gu
     for (int l = 0; l < lanes; l++) { gw[bc + l] = sum_gw[l]; gu[bc + l] = sum_gu[l]; }
 
     // sweep 3, left to right: H_t = g e^{sg - ng w}, H^y_t = gyy e^{sg - ng w}, and the past parts
