@@ -57,8 +57,8 @@ import data
 import facerwkv
 import train
 from data import CLASSES, DataError, load_datasets
-from facerwkv import (Block, FaceRWKV, FaceRWKVConfig, PosterConfig, PosterRWKV, VRWKVBlock, gdc_head_params,
-                      ir50_keys_from_arcface, poster_param_count)
+from facerwkv import Block, FaceRWKV, FaceRWKVConfig, VRWKVBlock
+from poster import PosterConfig, PosterRWKV, gdc_head_params, ir50_keys_from_arcface, poster_param_count
 
 
 # ---- The WKV kernels compute what the formula says (-k test_wkv) ---------------------------------

@@ -48,8 +48,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 import data
-from facerwkv import (POSTER_PRESETS, PRESETS, Block, FaceRWKV, FaceRWKVConfig, PosterConfig, PosterRWKV,
-                      TransformerBlock, VRWKVBlock, poster_param_count)
+from facerwkv import PRESETS, Block, FaceRWKV, FaceRWKVConfig, TransformerBlock, VRWKVBlock
+from poster import POSTER_PRESETS, PosterConfig, PosterRWKV, poster_param_count
 
 # -----------------------------------------------------------------------------
 # Settings: the recipes, the demo's defaults, and one preset per paper experiment
