@@ -2,39 +2,36 @@
 FaceRWKV: RWKV-4 for facial expression recognition, in one readable file.
 
 The mixer is the RWKV-4 block of Peng et al. 2023 ("RWKV: Reinventing RNNs for the Transformer
-Era", below "RWKV-4 paper"), written to match the reference RWKV-LM v4 model (BlinkDL/RWKV-LM,
-RWKV-v4neo/src/model.py): same equations, same parameter names and shapes
-(`blocks.{i}.att.time_decay`, ...), same "fancy" init of the time parameters. Around it sits the
+Era", below "RWKV-4 paper") as in BlinkDL/RWKV-LM (RWKV-v4neo/src/model.py): same equations,
+parameter names and shapes (`blocks.{i}.att.time_decay`, ...) and "fancy" init. Around it sits the
 ViT-style sequencing of the FaceRWKV paper (Vierling et al., COMP4771, section 4.2): cut the image
-(or the 64-channel map of a ResNet50 stem, "hybrid") into P x P patches, project each to d
-channels, run the sequence through the blocks, pool (last token or mean) and classify with an MLP
-or linear head.
+(or the 64-channel map of a ResNet50 stem, "hybrid") into P x P patches, project each to d channels,
+run the blocks, pool (last token or mean), classify. Every RWKV-4 model also runs as an RNN
+(`forward_rnn`): one patch at a time, a fixed-size state per layer, the same logits. The
+Vision-RWKV mixer (Duan et al. 2024, OpenGVLab/Vision-RWKV: Bi-WKV and Q-Shift) is the
+bidirectional alternative, without RNN mode.
 
-Every RWKV-4 model here can also run as an RNN (`FaceRWKV.forward_rnn`): one patch at a time with
-a fixed-size state per layer, giving the same logits as the parallel `forward`. The Vision-RWKV
-mixer (Duan et al. 2024: Bi-WKV and Q-Shift, parameter names as its code) is the bidirectional
-alternative: every patch sees the whole image, so it has no RNN mode.
-
-The project's stated objective, POSTER V2 with RWKV in place of its transformer (`PosterRWKV`),
-follows FaceRWKV in a part of its own, beside POSTER V2 itself on the same code.
-
-Read top to bottom: the WKV operators (RWKV-4's WKV and Vision-RWKV's Bi-WKV, as maths in
-torch), the config, the RWKV-4 block (time-mix, channel-mix), the Vision-RWKV block, the
-comparison mixers (transformer, identity), sequencing (patches, ResNet50 stem), the full model;
-then POSTER V2 / POSTER-RWKV; and last how wkv.cu runs on a GPU (cupy) or a CPU (g++).
+Read top to bottom: the WKV and Bi-WKV operators, the RWKV-4 block, the Vision-RWKV block, the
+comparison mixers, sequencing, the config and the model; then weight files and the cache; last,
+how wkv.cu runs (cupy on a GPU, g++ on a CPU).
 """
 
+import collections
 import ctypes
 import functools
 import hashlib
+import importlib
 import math
 import os
+import pickle
 import platform
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,49 +40,52 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
+def check(ok, message):
+    """Raise ValueError(message) unless ok: input validation that survives python -O."""
+    if not ok:
+        raise ValueError(message)
+
+
 # -----------------------------------------------------------------------------
-# The WKV operator: RWKV-4 paper, "WKV Operator" -- the heart of the time-mix.
+# WKV: RWKV-4 paper, section 4.1 ("WKV Operator", eq. 14), per channel:
 #
 #   y_t = ( sum_{i<t} e^{-(t-1-i) w + k_i} v_i  +  e^{u + k_t} v_t )
-#       / ( sum_{i<t} e^{-(t-1-i) w + k_i}      +  e^{u + k_t}     )      per channel
+#       / ( sum_{i<t} e^{-(t-1-i) w + k_i}      +  e^{u + k_t}     )
 #
-# w > 0 is the decay rate (the module stores time_decay = log w), u = time_first is the bonus
-# the current token gets. Below in torch, as the paper's RNN form ("RNN-like inference"); the
-# same algorithm runs as raw CUDA in wkv.cu, on a GPU or compiled for the CPU (see "Running
-# wkv.cu", the last section).
-
+# w > 0 is the decay rate (the module stores time_decay = log w), u = time_first the bonus of the
+# current token. Below as the paper's RNN form (section 4.5, eqs. 21-25); wkv.cu runs the same
+# algorithm as raw CUDA, on a GPU or compiled for the CPU (the last section).
 
 def wkv_state_update(w, k, v, state):
-    """The WKV state after one more token: every past token decays by e^{-w} (the real decay),
-    the new one (k, v: (B, C)) joins without bonus. The numerator and denominator sums over past
-    tokens are kept as a = aa*e^pp and b = bb*e^pp, where pp is the largest exponent seen so far,
-    so no exp() ever overflows (the "max trick"). The empty state is (0, 0, -1e38)."""
+    """The state after one more token: the past decays by e^{-w}, the new token (k, v: (B, C))
+    joins without bonus. The sums a (numerator) and b (denominator) are kept as a = aa e^pp,
+    b = bb e^pp with pp the largest exponent so far (the max trick): no exp() overflows."""
     aa, bb, pp = state
-    ww = pp - w
-    p = torch.maximum(ww, k)
+    ww = pp - w                    # the past's exponent after one more step of decay
+    p = torch.maximum(ww, k)       # the new scale
     e1, e2 = torch.exp(ww - p), torch.exp(k - p)
     return e1 * aa + e2 * v, e1 * bb + e2, p
 
 
 def wkv_step(w, u, k, v, state):
-    """One token of the WKV recurrence (the RNN mode of RWKV-4): k, v (B, C) and the state
-    (aa, bb, pp) -> (y (B, C), new state)."""
+    """One token of the recurrence: k, v (B, C), state (aa, bb, pp) -> (y (B, C), new state)."""
     aa, bb, pp = state
-    # output: the decayed past plus the current token with its bonus e^u
-    ww = u + k
+    ww = u + k                     # the current token's exponent, with its bonus
     p = torch.maximum(pp, ww)
     e1, e2 = torch.exp(pp - p), torch.exp(ww - p)
-    y = (e1 * aa + e2 * v) / (e1 * bb + e2)
-    return y, wkv_state_update(w, k, v, state)
+    return (e1 * aa + e2 * v) / (e1 * bb + e2), wkv_state_update(w, k, v, state)
+
+
+def empty_wkv_state(B, C, like):
+    zeros = torch.zeros(B, C, dtype=like.dtype, device=like.device)
+    return zeros, zeros, torch.full_like(zeros, -1e38)  # -1e38: "minus infinity", nothing seen
 
 
 def wkv_torch(w, u, k, v):
-    """The WKV operator in plain torch, wkv_step over t; autograd provides the backward pass.
-    w, u: (C,), k, v: (B, T, C)."""
+    """WKV in plain torch (wkv_step over t; autograd gives the backward). w, u (C,), k, v (B, T, C)."""
     B, T, C = k.shape
-    zeros = torch.zeros(B, C, dtype=k.dtype, device=k.device)
-    state = (zeros, zeros, torch.full_like(zeros, -1e38))
-    ys = []
+    state, ys = empty_wkv_state(B, C, k), []
     for t in range(T):
         y, state = wkv_step(w, u, k[:, t], v[:, t], state)
         ys.append(y)
@@ -93,41 +93,31 @@ def wkv_torch(w, u, k, v):
 
 
 def wkv(w, u, k, v, backend=None):
-    """The WKV operator: w, u (C,), k, v (B, T, C) -> y (B, T, C), differentiable in all four.
-
-    Computed in float32 whatever the input dtype (y comes back in k's dtype). backend:
-      None      wkv.cu (cupy on CUDA tensors, the g++ build on CPU ones); where it cannot run,
-                plain torch (wkv_torch) with a warning saying why;
-      "kernel"  wkv.cu, or a RuntimeError saying why it cannot run;
-      "torch"   wkv_torch.
-    The environment variable FACERWKV_WKV=kernel|torch sets the default.
-    """
+    """The WKV operator: w, u (C,), k, v (B, T, C) -> y (B, T, C), differentiable in all four,
+    computed in float32 (y in k's dtype). backend (default: $FACERWKV_WKV): None = wkv.cu (cupy on
+    CUDA tensors, the g++ build on CPU ones), else wkv_torch with a warning saying why; "kernel" =
+    wkv.cu or a RuntimeError saying why not; "torch" = wkv_torch."""
     return _run_operator("wkv", WKVFunction, wkv_torch, w, u, k, v, backend)
 
 
-# -----------------------------------------------------------------------------
-# Bi-WKV: Vision-RWKV's bidirectional WKV (../shared/vision-rwkv.md), the heart of its spatial mix.
+# Bi-WKV: Vision-RWKV (Duan et al. 2024), section 3.2 ("Bidirectional WKV"), per channel:
 #
 #   y_t = ( sum_{i != t} e^{-(|t-i|-1) w + k_i} v_i  +  e^{u + k_t} v_t )
-#       / ( sum_{i != t} e^{-(|t-i|-1) w + k_i}      +  e^{u + k_t}     )      per channel
+#       / ( sum_{i != t} e^{-(|t-i|-1) w + k_i}      +  e^{u + k_t}     )
 #
-# Every token sees every other, weighted by distance both ways. The past part (i < t) is WKV's
-# sum, the future part (i > t) the same sum on the reversed sequence: two scans. w and u are
-# any real numbers, used as given: w < 0 (Vision-RWKV's "flexible decay") makes far tokens
-# weigh MORE.
-
+# Every token sees every other, weighted by distance both ways: the past (i < t) is WKV's sum,
+# the future (i > t) the same sum on the reversed sequence. w and u are any real numbers:
+# w < 0 (Vision-RWKV's flexible decay) makes far tokens weigh more.
 
 def biwkv_torch(w, u, k, v):
     """Bi-WKV in plain torch: the WKV state scanned from the left (each token's past) and from the
-    right (its future), combined with the current token; autograd provides the backward pass.
-    w, u: (C,), k, v: (B, T, C). (With w < 0 the state's exponent pp grows like |w| T, and in
-    float32 loses digits over long sequences; wkv.cu never forms it as one float.)"""
+    right (its future), combined with the current token. w, u (C,), k, v (B, T, C). (With w < 0
+    the exponent pp grows like |w| T and loses float32 digits; wkv.cu never forms it as one float.)"""
     B, T, C = k.shape
 
     def exclusive_scan(order):
-        """The state just before each token, visiting the tokens in `order`: (a, b, p), (B, T, C) each."""
-        zeros = torch.zeros(B, C, dtype=k.dtype, device=k.device)
-        state, states = (zeros, zeros, torch.full_like(zeros, -1e38)), [None] * T
+        """The state just before each token, visiting tokens in `order`: (a, b, p), (B, T, C) each."""
+        state, states = empty_wkv_state(B, C, k), [None] * T
         for t in order:
             states[t] = state
             state = wkv_state_update(w, k[:, t], v[:, t], state)
@@ -143,235 +133,102 @@ def biwkv_torch(w, u, k, v):
 
 def biwkv(w, u, k, v, backend=None):
     """Bi-WKV: w, u (C,), k, v (B, T, C) -> y (B, T, C), differentiable in all four; w and u are
-    used as given (any real values). Conventions and backends as wkv()'s: wkv.cu's
-    biwkv_forward / biwkv_backward, or biwkv_torch."""
+    used as given. Conventions and backends as wkv()'s (wkv.cu's biwkv_*, or biwkv_torch)."""
     return _run_operator("biwkv", BiWKVFunction, biwkv_torch, w, u, k, v, backend)
 
 
 # -----------------------------------------------------------------------------
-# Configuration
-
-OPTIONS = {
-    "backbone": ("none", "resnet50"),
-    "pool": ("last", "mean"),
-    "head": ("mlp", "linear"),
-    "mixer": ("rwkv", "vrwkv", "transformer", "identity"),
-}
-
-# Table 1 of the paper (n_layer, n_embd); "hybrid" is large on the ResNet50 stem with 5x5 patches.
-PRESETS = {
-    "small": dict(n_layer=2, n_embd=128),
-    "medium": dict(n_layer=4, n_embd=256),
-    "large": dict(n_layer=6, n_embd=512),
-    "hybrid": dict(n_layer=6, n_embd=512, backbone="resnet50", patch_size=5),
-}
-
-
-def stem_grid(h, w):
-    """Spatial size of the ResNet50 stem's output: conv 7x7/2 pad 3, then maxpool 3x3/2 pad 1."""
-    def out(n, kernel, stride, pad):
-        return (n + 2 * pad - kernel) // stride + 1
-    return out(out(h, 7, 2, 3), 3, 2, 1), out(out(w, 7, 2, 3), 3, 2, 1)
-
-
-@dataclass
-class FaceRWKVConfig:
-    n_layer: int = 2
-    n_embd: int = 128             # d, the width of the residual stream
-    dim_att: int = None           # RWKV time-mix width (key/value/receptance); None -> n_embd
-    dim_ffn: int = None           # channel-mix / MLP hidden width; None -> 4 * n_embd
-    n_head: int = None            # heads of the transformer mixer only; None -> max(1, n_embd // 64)
-    patch_size: int = 20          # P: P x P pixel patches (or P x P cells of the stem map for hybrid)
-    img_size: tuple = (400, 600)  # (H, W) the images are resized to
-    n_classes: int = 7
-    backbone: str = "none"        # "none" | "resnet50" (its stem: conv1, bn1, relu, maxpool)
-    freeze_backbone: bool = False
-    imagenet_norm: bool = True    # (x - mean) / std per colour, done by the data pipeline; on by default (README)
-    pos_emb: bool = False         # learned positional embedding added to the patch tokens
-    pool: str = "last"            # "last" token (the paper) | "mean" over tokens; "last" for vrwkv too, by
-                                  # measurement (demo scale, 2 seeds: 90.1 % against 88.6 %; see README)
-    head: str = "mlp"             # "mlp" (Linear d->d, ReLU, Linear d->classes) | "linear"
-    mixer: str = "rwkv"           # "rwkv" | "vrwkv" (Vision-RWKV) | "transformer" | "identity" ("w/o RWKV")
-
-    def __post_init__(self):
-        # None defaults are resolved here, so a saved config always spells out its widths.
-        if self.dim_att is None:
-            self.dim_att = self.n_embd
-        if self.dim_ffn is None:
-            self.dim_ffn = 4 * self.n_embd
-        if self.n_head is None:
-            self.n_head = max(1, self.n_embd // 64)
-        if not (isinstance(self.img_size, (tuple, list)) and len(self.img_size) == 2
-                and all(isinstance(s, int) and s > 0 for s in self.img_size)):
-            raise ValueError(f"img_size must be (height, width) in pixels, e.g. (400, 600); got {self.img_size!r}")
-        self.img_size = tuple(self.img_size)  # a list after a JSON round trip
-        for name in ("n_layer", "n_embd", "dim_att", "dim_ffn", "n_head", "patch_size"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
-        if not (isinstance(self.n_classes, int) and self.n_classes >= 2):
-            raise ValueError(f"n_classes must be an integer >= 2; got {self.n_classes!r}")
-        for name, allowed in OPTIONS.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not an option; use one of {allowed}")
-        if self.freeze_backbone and self.backbone == "none":
-            raise ValueError("freeze_backbone=True needs a backbone; set backbone='resnet50' or freeze_backbone=False")
-        if self.mixer == "transformer" and self.n_embd % self.n_head:
-            divisors = [h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0]
-            raise ValueError(f"the transformer mixer needs n_embd ({self.n_embd}) divisible by n_head "
-                             f"({self.n_head}); use n_head in {divisors}")
-        self._check_grid()
-
-    def _check_grid(self):
-        H, W, P = *self.img_size, self.patch_size
-        if self.backbone == "none":
-            if H % P or W % P:
-                fits = [p for p in range(1, min(H, W) + 1) if H % p == 0 and W % p == 0]
-                raise ValueError(
-                    f"img_size {self.img_size} is not divisible into {P}x{P} patches; use an img_size that is "
-                    f"a multiple of {P}, e.g. {(max(P, round(H / P) * P), max(P, round(W / P) * P))}, "
-                    f"or a patch_size dividing both sides: {fits}")
-        else:
-            h, w = stem_grid(H, W)
-            if h % P or w % P:
-                # the stem divides by 4 (rounding up), so multiples of 4P always work
-                m = 4 * P
-                raise ValueError(
-                    f"the ResNet50 stem maps img_size {self.img_size} to a {h}x{w} grid, not divisible into "
-                    f"{P}x{P} patches; use an img_size that is a multiple of {m}, e.g. "
-                    f"{(max(m, round(H / m) * m), max(m, round(W / m) * m))}, or a patch_size dividing "
-                    f"{h} and {w}: {[p for p in range(1, min(h, w) + 1) if h % p == 0 and w % p == 0]}")
-
-    @property
-    def grid(self):
-        """(rows, cols) of patches; tokens run through it in raster (row-major) order."""
-        h, w = self.img_size if self.backbone == "none" else stem_grid(*self.img_size)
-        return h // self.patch_size, w // self.patch_size
-
-    @property
-    def n_tokens(self):
-        rows, cols = self.grid
-        return rows * cols
-
-    @classmethod
-    def preset(cls, name, **overrides):
-        """A Table 1 model ("small", "medium", "large") or "hybrid", with any field overridden."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; use one of {tuple(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
-
-
-# -----------------------------------------------------------------------------
-# RWKV-4 block: time-mix (the attention-like part) and channel-mix (the MLP-like part)
+# RWKV-4 block (RWKV-4 paper, section 4 and Fig. 2): time-mix and channel-mix, pre-LN residual
 
 def token_shift(x):
-    """RWKV-4 paper, "Token Shift": x_{t-1} for every t, zero for t = 0: (B, T, C) -> (B, T, C)."""
+    """RWKV-4 paper, section 4.1 ("Token Shift"): x_{t-1} for every t, zero for t = 0. (B, T, C)."""
     return F.pad(x, (0, 0, 1, -1))
 
 
 def lerp(x, x_prev, mix):
-    """mix * x + (1 - mix) * x_prev per channel, the paper's mu x_t + (1 - mu) x_{t-1}: mix=1 keeps
-    the current token, mix=0 takes the previous one. (One fused op: on the CPU the time-mix is
-    bound by such elementwise passes.)"""
+    """The paper's mu x_t + (1 - mu) x_{t-1} per channel (eqs. 11-13, 15-16), one fused op."""
     return torch.lerp(x_prev, x, mix)
 
 
-def init_linear_(linear, zero=False):
-    """The reference init of a Linear: orthogonal, gain sqrt(out/in) when it widens, or zeros."""
-    if zero:
-        nn.init.zeros_(linear.weight)
-    else:
-        out_features, in_features = linear.weight.shape
-        nn.init.orthogonal_(linear.weight, gain=math.sqrt(max(1.0, out_features / in_features)))
-
-
-# Which Linear layers start at zero: the reference's five, so every block starts as the identity
-# (att.output = ffn.value = 0), with equal keys and half-open gates. Kept: it trained as well as
-# the alternatives we tried.
-ZERO_INIT = ("att.key", "att.receptance", "att.output", "ffn.value", "ffn.receptance")
+def init_linears_(module, zero):
+    """RWKV-LM's init of the Linear layers: those named in `zero` (key, receptance and output of
+    the time-mix, value and receptance of the channel-mix) start at zero, so every block starts as
+    the identity with equal keys and half-open gates; the rest orthogonal, gain sqrt(out/in) where
+    it widens."""
+    for name, linear in module.named_children():
+        if name in zero:
+            nn.init.zeros_(linear.weight)
+        else:
+            nn.init.orthogonal_(linear.weight, gain=math.sqrt(max(1.0, linear.out_features / linear.in_features)))
 
 
 def fancy_init(config, layer_id):
-    """The reference's "fancy" init of a layer's per-channel parameters (reference.md), as
-    tensors: decay and first (dim_att,), and the mixes (1, 1, d) of the time-mix k, v, r and the
-    channel-mix k, r. Deeper layers get slower decays and mix in less of the previous token."""
+    """RWKV-LM's "fancy" init of a layer's per-channel parameters: decay and first (dim_att,), the
+    mixes (1, 1, d). Deeper layers get slower decays and mix in less of the previous token."""
     d, dim_att, L = config.n_embd, config.dim_att, config.n_layer
     ratio_0_to_1 = layer_id / (L - 1) if L > 1 else 0.0  # 0 in the first layer, 1 in the last
     ratio_1_to_almost0 = 1.0 - layer_id / L              # 1 in the first layer, 1/L in the last
     channel = torch.arange(dim_att, dtype=torch.float32)
-    channel_frac = (torch.arange(d, dtype=torch.float32) / d).view(1, 1, d)  # i / d, 0 to almost 1
+    frac = (torch.arange(d, dtype=torch.float32) / d).view(1, 1, d)  # i / d, 0 to almost 1
     return dict(
-        # channels range from e^-5 (as RWKV-4's log decay rate: factor 0.993 per step, long memory)
-        # to e^3 (factor e^-20: forgets at once)
+        # log decay rates from -5 (factor 0.993 per step: long memory) to 3 (e^-20: forgets at once)
         decay=-5 + 8 * (channel / max(dim_att - 1, 1)) ** (0.7 + 1.3 * ratio_0_to_1),
         first=math.log(0.3) + 0.5 * ((channel + 1) % 3 - 1),  # a zigzag around ln(0.3)
-        att_mix_k=channel_frac ** ratio_1_to_almost0,
-        att_mix_v=channel_frac ** ratio_1_to_almost0 + 0.3 * ratio_0_to_1,
-        att_mix_r=channel_frac ** (0.5 * ratio_1_to_almost0),
-        ffn_mix_k=channel_frac ** ratio_1_to_almost0,
-        ffn_mix_r=channel_frac ** ratio_1_to_almost0,
+        att_mix_k=frac ** ratio_1_to_almost0,
+        att_mix_v=frac ** ratio_1_to_almost0 + 0.3 * ratio_0_to_1,
+        att_mix_r=frac ** (0.5 * ratio_1_to_almost0),
+        ffn_mix_k=frac ** ratio_1_to_almost0,
+        ffn_mix_r=frac ** ratio_1_to_almost0,
     )
 
 
 class TimeMix(nn.Module):
-    """RWKV-4 time-mix: a linear attention over past tokens with a learned per-channel decay."""
+    """RWKV-4 time-mix (section 4.1): a linear attention over past tokens with a per-channel decay."""
 
     def __init__(self, config, layer_id):
         super().__init__()
         d, dim_att = config.n_embd, config.dim_att
         init = fancy_init(config, layer_id)
-        # time_decay is the LOG of the decay rate w: the real per-step decay is e^{-w} = e^{-e^time_decay}
-        self.time_decay = nn.Parameter(init["decay"])
+        self.time_decay = nn.Parameter(init["decay"])  # log w: the per-step decay is e^{-e^time_decay}
         self.time_first = nn.Parameter(init["first"])  # u, the current token's bonus
-        # time_mix_*: how much of the current vs the previous token feeds k, v, r (per channel)
-        self.time_mix_k = nn.Parameter(init["att_mix_k"])
+        self.time_mix_k = nn.Parameter(init["att_mix_k"])  # how much of x_t vs x_{t-1} feeds k, v, r
         self.time_mix_v = nn.Parameter(init["att_mix_v"])
         self.time_mix_r = nn.Parameter(init["att_mix_r"])
         self.key = nn.Linear(d, dim_att, bias=False)
         self.value = nn.Linear(d, dim_att, bias=False)
         self.receptance = nn.Linear(d, dim_att, bias=False)
         self.output = nn.Linear(dim_att, d, bias=False)
-        for name in ("key", "value", "receptance", "output"):
-            init_linear_(getattr(self, name), zero=f"att.{name}" in ZERO_INIT)
+        init_linears_(self, zero=("key", "receptance", "output"))
 
     def project(self, x, x_prev, mix_k, mix_v, mix_r):
-        """RWKV-4 paper, "Token Shift": k_t, v_t, r_t, each a Linear of x_t lerped towards x_prev."""
-        k = self.key(lerp(x, x_prev, mix_k))
-        v = self.value(lerp(x, x_prev, mix_v))
-        r = self.receptance(lerp(x, x_prev, mix_r))
-        return k, v, r
+        """Eqs. 11-13: k_t, v_t, r_t, each a Linear of x_t lerped towards x_prev."""
+        return (self.key(lerp(x, x_prev, mix_k)), self.value(lerp(x, x_prev, mix_v)),
+                self.receptance(lerp(x, x_prev, mix_r)))
 
     def forward(self, x):
-        x_prev = token_shift(x)                                                               # (B, T, d)
-        k, v, r = self.project(x, x_prev, self.time_mix_k, self.time_mix_v, self.time_mix_r)  # (B, T, dim_att)
-        # WKV_t: average of v_i over i <= t weighted by e^{k_i} and decayed by e^{-w} per step back
-        y = wkv(torch.exp(self.time_decay), self.time_first, k, v)                            # (B, T, dim_att)
-        # RWKV-4 paper, "Output Gating": o_t = W_o (sigmoid(r_t) * wkv_t), sigmoid(r) lets each channel through
-        return self.output(torch.sigmoid(r) * y)                                              # (B, T, d)
+        k, v, r = self.project(x, token_shift(x), self.time_mix_k, self.time_mix_v, self.time_mix_r)  # (B, T, A)
+        y = wkv(torch.exp(self.time_decay), self.time_first, k, v)  # eq. 14               (B, T, A)
+        return self.output(torch.sigmoid(r) * y)  # eq. 15, output gating: sigmoid(r) lets a channel through
 
     def init_state(self, batch_size, device, dtype):
-        """RNN state: previous x, and the WKV sums aa (numerator), bb (denominator), pp (their scale)."""
-        state_dtype = torch.promote_types(dtype, torch.float32)  # keep the running sums in >= float32
+        """RNN state: previous x, and the WKV sums aa, bb with their log-scale pp (>= float32)."""
         x_prev = torch.zeros(batch_size, self.key.in_features, device=device, dtype=dtype)
-        aa = torch.zeros(batch_size, self.key.out_features, device=device, dtype=state_dtype)
-        bb = torch.zeros_like(aa)
-        pp = torch.full_like(aa, -1e38)  # log-scale of aa, bb; "minus infinity" = nothing seen yet
-        return x_prev, aa, bb, pp
+        like = torch.empty(0, device=device, dtype=torch.promote_types(dtype, torch.float32))
+        return (x_prev, *empty_wkv_state(batch_size, self.key.out_features, like))
 
     def step(self, x, state):
-        """One token as an RNN. x: (B, d), state from init_state/step. Returns (out (B, d), new state)."""
-        x_prev, aa, bb, pp = state
-        mixes = (m.view(-1) for m in (self.time_mix_k, self.time_mix_v, self.time_mix_r))  # (d,) each
-        k, v, r = self.project(x, x_prev, *mixes)  # (B, dim_att)
-        k, v = k.to(aa.dtype), v.to(aa.dtype)
-        w, u = torch.exp(self.time_decay).to(aa.dtype), self.time_first.to(aa.dtype)
-        y, (aa, bb, pp) = wkv_step(w, u, k, v, (aa, bb, pp))  # (B, dim_att)
-        out = self.output(torch.sigmoid(r) * y.to(r.dtype))   # (B, d)
-        return out, (x, aa, bb, pp)
+        """One token as an RNN (section 4.5): x (B, d) -> (out (B, d), new state)."""
+        x_prev, *wkv_state = state
+        k, v, r = self.project(x, x_prev, *(m.view(-1) for m in (self.time_mix_k, self.time_mix_v, self.time_mix_r)))
+        dt = wkv_state[0].dtype
+        y, wkv_state = wkv_step(torch.exp(self.time_decay).to(dt), self.time_first.to(dt), k.to(dt), v.to(dt),
+                                wkv_state)
+        return self.output(torch.sigmoid(r) * y.to(r.dtype)), (x, *wkv_state)
 
 
 class ChannelMix(nn.Module):
-    """RWKV-4 channel-mix: a squared-ReLU MLP on the token-shifted input, gated by sigmoid(r)."""
+    """RWKV-4 channel-mix (section 4.1, eqs. 16-18): a squared-ReLU MLP on the token-shifted
+    input, gated by sigmoid(r)."""
 
     def __init__(self, config, layer_id):
         super().__init__()
@@ -382,12 +239,10 @@ class ChannelMix(nn.Module):
         self.key = nn.Linear(d, config.dim_ffn, bias=False)
         self.receptance = nn.Linear(d, d, bias=False)
         self.value = nn.Linear(config.dim_ffn, d, bias=False)
-        for name in ("key", "receptance", "value"):
-            init_linear_(getattr(self, name), zero=f"ffn.{name}" in ZERO_INIT)
+        init_linears_(self, zero=("receptance", "value"))
 
     def mix(self, x, x_prev, mix_k, mix_r):
-        """RWKV-4 paper, "Token Shift" (k'_t, r'_t) and "Output Gating":
-        o'_t = sigmoid(r'_t) * W'_v max(k'_t, 0)^2. x, x_prev: (B, T, d) or, in RNN mode, (B, d)."""
+        """o'_t = sigmoid(r'_t) * W'_v max(k'_t, 0)^2; x, x_prev (B, T, d) or, as an RNN, (B, d)."""
         k = torch.relu(self.key(lerp(x, x_prev, mix_k))).square()  # (..., dim_ffn)
         r = self.receptance(lerp(x, x_prev, mix_r))                 # (..., d)
         return torch.sigmoid(r) * self.value(k)
@@ -405,18 +260,15 @@ class Block(nn.Module):
 
     def __init__(self, config, layer_id):
         super().__init__()
-        self.ln1 = nn.LayerNorm(config.n_embd)
-        self.att = TimeMix(config, layer_id)
-        self.ln2 = nn.LayerNorm(config.n_embd)
-        self.ffn = ChannelMix(config, layer_id)
+        self.ln1, self.att = nn.LayerNorm(config.n_embd), TimeMix(config, layer_id)
+        self.ln2, self.ffn = nn.LayerNorm(config.n_embd), ChannelMix(config, layer_id)
 
     def forward(self, x):
         x = x + self.att(self.ln1(x))
-        x = x + self.ffn(self.ln2(x))
-        return x  # (B, T, d)
+        return x + self.ffn(self.ln2(x))  # (B, T, d)
 
     def init_state(self, batch_size, device, dtype):
-        """Per-layer RNN state: (att prev x, aa, bb, pp, ffn prev x); its size does not depend on T."""
+        """(att prev x, aa, bb, pp, ffn prev x): its size does not depend on T."""
         ffn_x = torch.zeros(batch_size, self.ln2.normalized_shape[0], device=device, dtype=dtype)
         return (*self.att.init_state(batch_size, device, dtype), ffn_x)
 
@@ -426,45 +278,61 @@ class Block(nn.Module):
         out, att_state = self.att.step(self.ln1(x), att_state)
         x = x + out
         out, ffn_x = self.ffn.step(self.ln2(x), ffn_x)
-        x = x + out
-        return x, (*att_state, ffn_x)
+        return x + out, (*att_state, ffn_x)
+
+
+def run_rnn(blocks, x):
+    """RNN mode (RWKV-4 paper, section 4.5): the tokens x (B, T, C) one at a time through the
+    blocks (each with init_state(batch, device, dtype) and step(x, state)), carrying a fixed-size
+    state per block. Returns the last block's outputs (B, T, C)."""
+    states = [block.init_state(x.shape[0], x.device, x.dtype) for block in blocks]
+    outputs = []
+    for t in range(x.shape[1]):
+        h = x[:, t]  # (B, C)
+        for i, block in enumerate(blocks):
+            h, states[i] = block.step(h, states[i])
+        outputs.append(h)
+    return torch.stack(outputs, dim=1)  # (B, T, C)
 
 
 # -----------------------------------------------------------------------------
-# Vision-RWKV block (Duan et al. 2024, ../shared/vision-rwkv.md): RWKV-4's block made
-# bidirectional for images -- Bi-WKV instead of WKV, Q-Shift on the patch grid instead of the
-# token shift. Parameter names are Vision-RWKV's, so its checkpoints' block weights load.
+# Vision-RWKV block (Duan et al. 2024, section 3.2): RWKV-4's block made bidirectional for
+# images, Bi-WKV for WKV and Q-Shift on the patch grid for the token shift. Parameter names are
+# Vision-RWKV's (spatial_*), so its checkpoints' block weights load.
 
 VRWKV_NO_RNN = ("the vrwkv mixer is bidirectional (Bi-WKV, Q-Shift): every patch sees the patches after it, so "
                 "it needs the whole sequence and has no RNN mode; use model(images), or mixer='rwkv' for forward_rnn")
 
 
+def no_rnn(*args):
+    raise ValueError(VRWKV_NO_RNN)
+
+
 def q_shift(x, grids):
-    """Vision-RWKV's Q-Shift, the token shift on the patch grid: channels [0, C/4) come from the
-    left neighbour, [C/4, C/2) from the right, [C/2, 3C/4) from above, [3C/4, C) from below, zero
-    past the border. x: (B, T, C) in raster order; grids: [(rows, cols), ...], the consecutive
-    segments of the sequence, each a grid of its own (rows * cols tokens; they add up to T)."""
+    """Vision-RWKV's Q-Shift: channels [0, C/4) come from the left neighbour, [C/4, C/2) from the
+    right, [C/2, 3C/4) from above, [3C/4, C) from below, zero past the border. x (B, T, C) in
+    raster order; grids [(rows, cols), ...]: consecutive segments of the sequence, each a grid."""
     B, T, C = x.shape
-    if sum(rows * cols for rows, cols in grids) != T:
-        raise ValueError(f"q_shift: the grids {grids} hold {sum(r * c for r, c in grids)} tokens but the sequence "
-                         f"has {T}; pass one (rows, cols) per segment of the sequence, in order")
+    n = sum(rows * cols for rows, cols in grids)
+    check(n == T, f"q_shift: the grids {grids} hold {n} tokens but the sequence has {T}; "
+                  f"pass one (rows, cols) per segment of the sequence, in order")
     q1, q2, q3 = C // 4, C // 2, 3 * C // 4
     shifted, start = [], 0
     for rows, cols in grids:
         g = x[:, start:start + rows * cols].reshape(B, rows, cols, C)
         start += rows * cols
         g = torch.cat([
-            F.pad(g[:, :, :-1, :q1], (0, 0, 1, 0)),            # from the left:  x[r, c-1]
-            F.pad(g[:, :, 1:, q1:q2], (0, 0, 0, 1)),           # from the right: x[r, c+1]
-            F.pad(g[:, :-1, :, q2:q3], (0, 0, 0, 0, 1, 0)),    # from above:     x[r-1, c]
-            F.pad(g[:, 1:, :, q3:], (0, 0, 0, 0, 0, 1)),       # from below:     x[r+1, c]
-        ], dim=-1)                                             # (B, rows, cols, C)
+            F.pad(g[:, :, :-1, :q1], (0, 0, 1, 0)),          # from the left:  x[r, c-1]
+            F.pad(g[:, :, 1:, q1:q2], (0, 0, 0, 1)),         # from the right: x[r, c+1]
+            F.pad(g[:, :-1, :, q2:q3], (0, 0, 0, 0, 1, 0)),  # from above:     x[r-1, c]
+            F.pad(g[:, 1:, :, q3:], (0, 0, 0, 0, 0, 1)),     # from below:     x[r+1, c]
+        ], dim=-1)                                           # (B, rows, cols, C)
         shifted.append(g.reshape(B, rows * cols, C))
     return torch.cat(shifted, dim=1)  # (B, T, C)
 
 
 def rename_parameters_(module, **renames):
-    """Register module's parameters old=new under their new names (values and init unchanged)."""
+    """Register module's parameters old=new under their new names (values unchanged)."""
     for old, new in renames.items():
         param = getattr(module, old)
         delattr(module, old)
@@ -472,10 +340,10 @@ def rename_parameters_(module, **renames):
 
 
 class VRWKVSpatialMix(TimeMix):
-    """Vision-RWKV's spatial mix: RWKV-4's time-mix (same init, same k, v, r and output gating)
-    with Q-Shift for the token shift and Bi-WKV for WKV. Its decay and bonus go in divided by the
-    token count T and not through exp: w = spatial_decay / T may be negative (the weights then
-    grow with distance), and the per-step decay shrinks as images grow."""
+    """Vision-RWKV's spatial mix: RWKV-4's time-mix (same init, k, v, r and gating) with Q-Shift
+    and Bi-WKV. Decay and bonus go in divided by the token count T and not through exp: w may be
+    negative, and the per-step decay shrinks as images grow."""
+    init_state = step = no_rnn
 
     def __init__(self, config, layer_id):
         super().__init__(config, layer_id)
@@ -484,18 +352,14 @@ class VRWKVSpatialMix(TimeMix):
 
     def forward(self, x, grids):
         T = x.shape[1]
-        x_shifted = q_shift(x, grids)                                    # (B, T, d)
-        mixes = (self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r)
-        k, v, r = self.project(x, x_shifted, *mixes)                     # (B, T, dim_att) each
+        k, v, r = self.project(x, q_shift(x, grids), self.spatial_mix_k, self.spatial_mix_v, self.spatial_mix_r)
         y = biwkv(self.spatial_decay / T, self.spatial_first / T, k, v)  # (B, T, dim_att)
         return self.output(torch.sigmoid(r) * y)                         # (B, T, d)
-
-    def step(self, x, state):
-        raise ValueError(VRWKV_NO_RNN)
 
 
 class VRWKVChannelMix(ChannelMix):
     """Vision-RWKV's channel mix: RWKV-4's, with Q-Shift for the token shift."""
+    step = no_rnn
 
     def __init__(self, config, layer_id):
         super().__init__(config, layer_id)
@@ -504,69 +368,65 @@ class VRWKVChannelMix(ChannelMix):
     def forward(self, x, grids):
         return self.mix(x, q_shift(x, grids), self.spatial_mix_k, self.spatial_mix_r)  # (B, T, d)
 
-    def step(self, x, x_prev):
-        raise ValueError(VRWKV_NO_RNN)
-
 
 class VRWKVBlock(nn.Module):
-    """Pre-LN residual Vision-RWKV block (its tiny model's form): x += SpatialMix(LN1(x));
-    x += ChannelMix(LN2(x)). grids: the patch grids of the sequence's segments, [(rows, cols),
-    ...] in order, Q-Shift staying within each (default: the model's one grid, config.grid)."""
+    """Pre-LN residual Vision-RWKV block: x += SpatialMix(LN1(x)); x += ChannelMix(LN2(x)).
+    grids: the patch grids of the sequence's segments, Q-Shift staying within each (default
+    [config.grid])."""
+    init_state = step = no_rnn
 
     def __init__(self, config, layer_id, grids=None):
         super().__init__()
         self.grids = [tuple(g) for g in grids] if grids is not None else [config.grid]
-        self.ln1 = nn.LayerNorm(config.n_embd)
-        self.att = VRWKVSpatialMix(config, layer_id)
-        self.ln2 = nn.LayerNorm(config.n_embd)
-        self.ffn = VRWKVChannelMix(config, layer_id)
+        self.ln1, self.att = nn.LayerNorm(config.n_embd), VRWKVSpatialMix(config, layer_id)
+        self.ln2, self.ffn = nn.LayerNorm(config.n_embd), VRWKVChannelMix(config, layer_id)
 
     def forward(self, x):
         x = x + self.att(self.ln1(x), self.grids)
-        x = x + self.ffn(self.ln2(x), self.grids)
-        return x  # (B, T, d)
-
-    def init_state(self, batch_size, device, dtype):
-        raise ValueError(VRWKV_NO_RNN)
-
-    def step(self, x, state):
-        raise ValueError(VRWKV_NO_RNN)
+        return x + self.ffn(self.ln2(x), self.grids)  # (B, T, d)
 
 
 # -----------------------------------------------------------------------------
-# Comparison mixers: a transformer encoder block, and nothing at all
+# Comparison mixers (FaceRWKV paper, section 5.5): a transformer encoder block, and nothing
 
-class TransformerBlock(nn.Module):
-    """Standard pre-LN encoder block of the same width: non-causal multi-head self-attention
-    over all patches, then a GELU MLP with dim_ffn hidden units. No RNN mode."""
+class Attention(nn.Module):
+    """Multi-head self-attention over all tokens, qkv with bias (ViT; timm's Attention)."""
 
-    def __init__(self, config):
+    def __init__(self, dim, n_head):
         super().__init__()
-        d = config.n_embd
-        self.n_head = config.n_head
-        self.ln1 = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-        self.ln2 = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, config.dim_ffn), nn.GELU(), nn.Linear(config.dim_ffn, d))
-
-    def attend(self, x):
-        B, T, d = x.shape
-        q, k, v = self.qkv(x).split(d, dim=-1)
-        q, k, v = (t.view(B, T, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v)  # every patch sees every patch
-        return self.proj(y.transpose(1, 2).reshape(B, T, d))
+        self.n_head = n_head
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
-        x = x + self.attend(self.ln1(x))
-        x = x + self.mlp(self.ln2(x))
-        return x
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (B, h, T, C/h)
+        y = F.scaled_dot_product_attention(q, k, v)           # softmax(q k^T / sqrt(C/h)) v
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+
+def mlp(dim, hidden):
+    """Linear, GELU, Linear (timm's Mlp: fc1, fc2), as ViT and POSTER V2 use it."""
+    return nn.Sequential(collections.OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
+
+
+class TransformerBlock(nn.Module):
+    """The pre-LN transformer encoder block (ViT; POSTER V2's and timm's names): x += Attn(LN1(x));
+    x += MLP(LN2(x)). FaceRWKV's transformer mixer and POSTER V2's ViT. No RNN mode."""
+
+    def __init__(self, dim, n_head, dim_ffn, ln_eps=1e-5):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=ln_eps), Attention(dim, n_head)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=ln_eps), mlp(dim, dim_ffn)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))  # (B, T, C)
 
 
 class IdentityBlock(nn.Module):
-    """The "w/o RWKV" ablation (FaceRWKV paper, Table 5 and section 5.5): the block passes tokens
-    through untouched. Nothing mixes the patches then, so with pool="last" the head sees only the
-    bottom-right patch."""
+    """The "w/o RWKV" ablation (FaceRWKV paper, Table 5, section 5.5): tokens pass untouched, so
+    with pool="last" the head sees only the bottom-right patch."""
 
     def forward(self, x):
         return x
@@ -579,14 +439,12 @@ class IdentityBlock(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Sequencing: image (or stem feature map) -> sequence of patch tokens
+# Sequencing (FaceRWKV paper, section 4.2): image or stem map -> patch tokens
 
 class PatchEmbed(nn.Module):
-    """FaceRWKV paper, section 4.2 ("Baseline Architecture"): cut a (B, C, H, W) map into P x P
-    patches in raster order (row by row, left to right), flatten each as (channel, row, col) --
-    the layout of a Conv2d(C, d, P, stride=P) weight -- project to d with a Linear, then
-    LayerNorm. The LayerNorm plays the role of the reference LM's `ln0` (applied once before
-    block 0; Vision-RWKV has one too), so the blocks get no extra ln0."""
+    """Cut a (B, C, H, W) map into P x P patches in raster order, flatten each as (channel, row,
+    col) -- a Conv2d(C, d, P, stride=P) weight's layout -- project to d, then LayerNorm (which
+    plays RWKV-LM's ln0, applied once before block 0)."""
 
     def __init__(self, in_channels, patch_size, n_embd):
         super().__init__()
@@ -598,49 +456,118 @@ class PatchEmbed(nn.Module):
         B, C, H, W = x.shape
         P = self.patch_size
         x = x.reshape(B, C, H // P, P, W // P, P).permute(0, 2, 4, 1, 3, 5)  # (B, H/P, W/P, C, P, P)
-        x = x.reshape(B, (H // P) * (W // P), C * P * P)                     # (B, T, C*P*P)
-        return self.ln(self.proj(x))                                         # (B, T, d)
+        return self.ln(self.proj(x.reshape(B, (H // P) * (W // P), C * P * P)))  # (B, T, d)
 
 
-class ResNetStem(nn.Module):
-    """FaceRWKV paper, section 4.2 ("Hybrid Architecture"): the "first 4 blocks" of ResNet50 are
-    the first four children of torchvision's resnet50 (conv1, bn1, relu, maxpool): 3 -> 64
-    channels, H, W -> ceil(H/4), ceil(W/4). Attribute names match torchvision, so its state-dict
-    keys are exactly torchvision's (conv1.weight, bn1.weight, bn1.running_mean, ...)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision
-
-    def forward(self, x):
-        return self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64, H/4, W/4)
+def resnet_stem():
+    """Section 4.2 ("Hybrid Architecture"): ResNet50's first four children with torchvision's names
+    and init: (B, 3, H, W) -> (B, 64, ceil(H/4), ceil(W/4))."""
+    stem = nn.Sequential(collections.OrderedDict(
+        conv1=nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False), bn1=nn.BatchNorm2d(64),
+        relu=nn.ReLU(inplace=True), maxpool=nn.MaxPool2d(kernel_size=3, stride=2, padding=1)))
+    nn.init.kaiming_normal_(stem.conv1.weight, mode="fan_out", nonlinearity="relu")
+    return stem
 
 
-def read_state_dict(path):
-    """A torch state-dict file as {key: tensor}: unwraps {'state_dict': ...} / {'model': ...} and a
-    DataParallel 'module.' prefix; loads on the CPU without executing pickled code."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"could not read {path} as a torch state dict ({type(e).__name__}: {e})") from e
-    for wrapper in ("state_dict", "model"):
-        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
-            sd = sd[wrapper]
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path} holds a {type(sd).__name__}, not a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
+def stem_grid(h, w):
+    """The stem map's size: conv 7x7/2 pad 3, then maxpool 3x3/2 pad 1, each n -> (n - 1) // 2 + 1."""
+    return (h + 3) // 4, (w + 3) // 4
+
+
+# -----------------------------------------------------------------------------
+# The config and the full model
+
+OPTIONS = {"backbone": ("none", "resnet50"), "pool": ("last", "mean"), "head": ("mlp", "linear"),
+           "mixer": ("rwkv", "vrwkv", "transformer", "identity")}
+
+# FaceRWKV paper, Table 1 (n_layer, n_embd); "hybrid" is large on the ResNet50 stem, 5x5 patches.
+PRESETS = {
+    "small": dict(n_layer=2, n_embd=128),
+    "medium": dict(n_layer=4, n_embd=256),
+    "large": dict(n_layer=6, n_embd=512),
+    "hybrid": dict(n_layer=6, n_embd=512, backbone="resnet50", patch_size=5),
+}
+
+
+def divisors(*ns):
+    """The numbers dividing all of ns: the valid choices an error message offers."""
+    return [p for p in range(1, min(ns) + 1) if all(n % p == 0 for n in ns)]
+
+
+@dataclass
+class FaceRWKVConfig:
+    n_layer: int = 2
+    n_embd: int = 128             # d, the width of the residual stream
+    dim_att: int = None           # RWKV time-mix width (key/value/receptance); None -> n_embd
+    dim_ffn: int = None           # channel-mix / MLP hidden width; None -> 4 * n_embd
+    n_head: int = None            # heads of the transformer mixer only; None -> max(1, n_embd // 64)
+    patch_size: int = 20          # P: P x P pixel patches (or P x P cells of the stem map for hybrid)
+    img_size: tuple = (400, 600)  # (H, W) the images are resized to
+    n_classes: int = 7
+    backbone: str = "none"        # "none" | "resnet50" (its stem: conv1, bn1, relu, maxpool)
+    freeze_backbone: bool = False
+    imagenet_norm: bool = True    # (x - mean) / std per colour, done by the data pipeline
+    pos_emb: bool = False         # learned positional embedding added to the patch tokens
+    pool: str = "last"            # "last" token (the paper) | "mean" over tokens
+    head: str = "mlp"             # "mlp" (Linear d->d, ReLU, Linear d->classes) | "linear"
+    mixer: str = "rwkv"           # "rwkv" | "vrwkv" (Vision-RWKV) | "transformer" | "identity" ("w/o RWKV")
+
+    def __post_init__(self):
+        # None defaults are resolved here, so a saved config always spells out its widths
+        self.dim_att = self.n_embd if self.dim_att is None else self.dim_att
+        self.dim_ffn = 4 * self.n_embd if self.dim_ffn is None else self.dim_ffn
+        self.n_head = max(1, self.n_embd // 64) if self.n_head is None and isinstance(self.n_embd, int) else self.n_head
+        size = self.img_size
+        check(isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size),
+              f"img_size must be (height, width) in pixels, e.g. (400, 600); got {size!r}")
+        self.img_size = tuple(size)  # a list after a JSON round trip
+        for name in ("n_layer", "n_embd", "dim_att", "dim_ffn", "n_head", "patch_size"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 1, f"{name} must be a positive integer; got {value!r}")
+        check(isinstance(self.n_classes, int) and self.n_classes >= 2,
+              f"n_classes must be an integer >= 2; got {self.n_classes!r}")
+        for name, allowed in OPTIONS.items():
+            check(getattr(self, name) in allowed, f"{name}={getattr(self, name)!r} is not an option; use one of {allowed}")
+        check(not self.freeze_backbone or self.backbone != "none",
+              "freeze_backbone=True needs a backbone; set backbone='resnet50' or freeze_backbone=False")
+        check(self.mixer != "transformer" or self.n_embd % self.n_head == 0,
+              f"the transformer mixer needs n_embd ({self.n_embd}) divisible by n_head ({self.n_head}); "
+              f"use n_head in {divisors(self.n_embd)}")
+        (H, W), P = self.img_size, self.patch_size
+        if self.backbone == "none":
+            check(H % P == 0 and W % P == 0,
+                  f"img_size {self.img_size} is not divisible into {P}x{P} patches; use an img_size that is a "
+                  f"multiple of {P}, e.g. {(max(P, round(H / P) * P), max(P, round(W / P) * P))}, or a "
+                  f"patch_size dividing both sides: {divisors(H, W)}")
+        else:
+            h, w = stem_grid(H, W)
+            m = 4 * P  # the stem divides by 4 (rounding up), so multiples of 4P always work
+            check(h % P == 0 and w % P == 0,
+                  f"the ResNet50 stem maps img_size {self.img_size} to a {h}x{w} grid, not divisible into "
+                  f"{P}x{P} patches; use an img_size that is a multiple of {m}, e.g. "
+                  f"{(max(m, round(H / m) * m), max(m, round(W / m) * m))}, or a patch_size dividing "
+                  f"{h} and {w}: {divisors(h, w)}")
+
+    @property
+    def grid(self):
+        """(rows, cols) of patches; tokens run through it in raster (row-major) order."""
+        h, w = self.img_size if self.backbone == "none" else stem_grid(*self.img_size)
+        return h // self.patch_size, w // self.patch_size
+
+    @property
+    def n_tokens(self):
+        return self.grid[0] * self.grid[1]
+
+    @classmethod
+    def preset(cls, name, **overrides):
+        """A Table 1 model ("small", "medium", "large") or "hybrid", with any field overridden."""
+        check(name in PRESETS, f"unknown preset {name!r}; use one of {tuple(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
 
 
 def param_table(model, title, raw=(), extra=()):
-    """Print (and return) a model's trainable / total parameters per part (child module); `raw`
-    names parameters held outside the children, `extra` adds lines at the end."""
+    """Print (and return) trainable / total parameters per child module (Table 4); `raw` names
+    parameters held outside the children, `extra` adds lines at the end."""
     rows = [(name, list(m.parameters())) for name, m in model.named_children()]
     rows += [(name, [getattr(model, name)]) for name in raw] + [("total", list(model.parameters()))]
     lines = [title] + [f"  {name:<14} {sum(p.numel() for p in ps if p.requires_grad):>12,} trainable / "
@@ -650,46 +577,31 @@ def param_table(model, title, raw=(), extra=()):
     return text
 
 
-# -----------------------------------------------------------------------------
-# The full model
-
 class FaceRWKV(nn.Module):
-    """images (B, 3, H, W) -> [ResNet50 stem] -> patch tokens (B, T, d) [+ positions] -> blocks
-    -> final LayerNorm -> pool (last token or mean) -> head -> logits (B, n_classes): the FaceRWKV
-    paper's section 4.2, with any of the mixers."""
+    """FaceRWKV paper, section 4.2: images (B, 3, H, W) -> [ResNet50 stem] -> patch tokens
+    (B, T, d) [+ positions] -> blocks -> LayerNorm -> pool (last token or mean) -> head -> logits."""
 
     def __init__(self, config):
         super().__init__()
-        self.config = config
-        d = config.n_embd
-        if config.backbone == "resnet50":
-            self.backbone = ResNetStem()
-            self.patch_embed = PatchEmbed(64, config.patch_size, d)
-        else:
-            self.backbone = None
-            self.patch_embed = PatchEmbed(3, config.patch_size, d)
+        self.config = c = config
+        d = c.n_embd
+        self.backbone = resnet_stem() if c.backbone == "resnet50" else None
+        self.patch_embed = PatchEmbed(3 if self.backbone is None else 64, c.patch_size, d)
         # section 4.2's optional positional encoding: learned, absolute (ViT style); RWKV knows the order
-        self.pos_emb = nn.Parameter(0.02 * torch.randn(1, config.n_tokens, d)) if config.pos_emb else None
-        if config.mixer == "rwkv":
-            self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
-        elif config.mixer == "vrwkv":
-            self.blocks = nn.ModuleList([VRWKVBlock(config, i) for i in range(config.n_layer)])
-        elif config.mixer == "transformer":
-            self.blocks = nn.ModuleList([TransformerBlock(config) for _ in range(config.n_layer)])
-        else:
-            self.blocks = nn.ModuleList([IdentityBlock() for _ in range(config.n_layer)])
-        self.ln_out = nn.LayerNorm(d)  # final LayerNorm before pooling, as the reference LM's ln_out
-        # section 4.2's MLP head; the linear one is the ablation of section 5.4.2
-        if config.head == "mlp":
-            self.head = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, config.n_classes))
-        else:
-            self.head = nn.Linear(d, config.n_classes)
-        if config.freeze_backbone:
+        self.pos_emb = nn.Parameter(0.02 * torch.randn(1, c.n_tokens, d)) if c.pos_emb else None
+        make = {"rwkv": lambda i: Block(c, i), "vrwkv": lambda i: VRWKVBlock(c, i),
+                "transformer": lambda i: TransformerBlock(d, c.n_head, c.dim_ffn), "identity": lambda i: IdentityBlock()}
+        self.blocks = nn.ModuleList([make[c.mixer](i) for i in range(c.n_layer)])
+        self.ln_out = nn.LayerNorm(d)  # RWKV-LM's ln_out
+        # section 4.2's MLP head; the linear one is section 5.4.2's ablation
+        self.head = (nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, c.n_classes)) if c.head == "mlp"
+                     else nn.Linear(d, c.n_classes))
+        if c.freeze_backbone:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
 
     def train(self, mode=True):
-        # a frozen stem keeps its BatchNorm in eval mode: it uses, and never updates, the running stats
+        # a frozen stem keeps BatchNorm in eval mode: it uses, and never updates, the running stats
         super().train(mode)
         if self.config.freeze_backbone:
             self.backbone.eval()
@@ -697,81 +609,40 @@ class FaceRWKV(nn.Module):
 
     def load_backbone_weights(self, path):
         """Fill the ResNet50 stem from a torchvision resnet50 state-dict file (e.g.
-        resnet50-11ad3fa6.pth). Keys of the rest of the ResNet (layer1..4, fc) are ignored."""
-        if self.backbone is None:
-            raise ValueError("this model has no backbone; build it with backbone='resnet50' to load ResNet50 weights")
-        sd = read_state_dict(path)
-        own = self.backbone.state_dict()
-        # num_batches_tracked is absent from old torchvision files and unused in eval: optional
-        missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
-        if missing:
-            raise ValueError(f"{path} lacks the ResNet50 stem keys {missing}; expected a torchvision resnet50 "
-                             f"state dict (keys conv1.weight, bn1.*, layer1..4.*, fc.*), found keys like {list(sd)[:5]}")
-        wrong = [f"{k}: {tuple(getattr(sd[k], 'shape', ()))} (need {tuple(v.shape)})" for k, v in own.items()
-                 if k in sd and not (isinstance(sd[k], torch.Tensor) and sd[k].shape == v.shape)]
-        if wrong:
-            raise ValueError(f"{path} has stem weights of the wrong shape, is it a resnet50? {wrong}")
-        self.backbone.load_state_dict({k: sd[k] for k in own if k in sd}, strict=False)
-
-    def _check_images(self, images):
-        H, W = self.config.img_size
-        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (H, W):
-            raise ValueError(f"expected images of shape (B, 3, {H}, {W}) (config.img_size), got "
-                             f"{tuple(images.shape)}; resize the images to {(H, W)} or build the model with "
-                             f"img_size={tuple(images.shape[-2:])}")
+        resnet50-11ad3fa6.pth); the rest of the ResNet (layer1..4, fc) is recognised and skipped."""
+        check(self.backbone is not None,
+              "this model has no backbone; build it with backbone='resnet50' to load ResNet50 weights")
+        load_weights(self.backbone, read_state_dict(path), path, ignore=("layer", "fc."))
 
     def embed(self, images):
         """(B, 3, H, W) images -> (B, T, d) patch tokens in raster order."""
-        self._check_images(images)
-        x = images if self.backbone is None else self.backbone(images)  # (B, 3 or 64, h, w)
-        x = self.patch_embed(x)                                          # (B, T, d)
-        if self.pos_emb is not None:
-            x = x + self.pos_emb
-        return x
+        H, W = self.config.img_size
+        check(images.ndim == 4 and images.shape[1] == 3 and tuple(images.shape[2:]) == (H, W),
+              f"expected images of shape (B, 3, {H}, {W}) (config.img_size), got {tuple(images.shape)}; "
+              f"resize the images to {(H, W)} or build the model with img_size={tuple(images.shape[-2:])}")
+        x = self.patch_embed(images if self.backbone is None else self.backbone(images))  # (B, T, d)
+        return x if self.pos_emb is None else x + self.pos_emb
+
+    def classify(self, x):
+        """Tokens after the blocks (B, T, d) -> logits: section 4.2's last token (or the mean), head."""
+        x = self.ln_out(x)
+        return self.head(x[:, -1] if self.config.pool == "last" else x.mean(dim=1))
 
     def forward(self, images):
         """(B, 3, H, W) -> logits (B, n_classes), the whole sequence at once."""
         x = self.embed(images)
         for block in self.blocks:
             x = block(x)
-        x = self.ln_out(x)                                             # (B, T, d)
-        # section 4.2: the final entry's embedding (the paper's choice) or the mean over the sequence
-        x = x[:, -1] if self.config.pool == "last" else x.mean(dim=1)  # (B, d)
-        return self.head(x)
-
-    def stream_tokens(self, images):
-        """The tokens of embed(), one (B, d) at a time in raster order, each computed from its own
-        patch when it is needed, so RNN mode never holds the (B, T, d) sequence. (The ResNet stem
-        is a convolution over the whole image: for the hybrid its feature map is made first.)"""
-        self._check_images(images)
-        x = images if self.backbone is None else self.backbone(images)  # (B, 3 or 64, h, w)
-        P = self.config.patch_size
-        rows, cols = self.config.grid
-        for t in range(rows * cols):
-            r, c = divmod(t, cols)
-            token = self.patch_embed(x[:, :, r * P:(r + 1) * P, c * P:(c + 1) * P])[:, 0]  # (B, d)
-            yield token if self.pos_emb is None else token + self.pos_emb[:, t]
+        return self.classify(x)
 
     @torch.no_grad()
     def forward_rnn(self, images):
-        """Same logits as forward, computed as an RNN: one patch token at a time through all
-        layers, carrying only a fixed-size state per layer (nothing grows with the number of
-        tokens). Inference only (no gradients)."""
-        if self.config.mixer == "transformer":
-            raise ValueError("the transformer mixer attends to all patches at once and has no RNN mode; "
-                             "use model(images), or mixer='rwkv' for forward_rnn")
-        if self.config.mixer == "vrwkv":
-            raise ValueError(VRWKV_NO_RNN)
-        B, T = images.shape[0], self.config.n_tokens
-        states = [block.init_state(B, images.device, images.dtype) for block in self.blocks]
-        pooled = 0
-        for h in self.stream_tokens(images):  # h: (B, d)
-            for i, block in enumerate(self.blocks):
-                h, states[i] = block.step(h, states[i])
-            if self.config.pool == "mean":
-                pooled = pooled + self.ln_out(h)
-        pooled = self.ln_out(h) if self.config.pool == "last" else pooled / T  # (B, d)
-        return self.head(pooled)
+        """The same logits as forward, computed as an RNN: one patch token at a time through all
+        layers, a fixed-size state per layer. Inference only."""
+        check(self.config.mixer != "transformer", "the transformer mixer attends to all patches at once and has "
+                                                  "no RNN mode; use model(images), or mixer='rwkv' for forward_rnn")
+        check(self.config.mixer != "vrwkv", VRWKV_NO_RNN)
+        return self.classify(run_rnn(self.blocks, self.embed(images)))
 
     def num_params(self, trainable_only=False):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
@@ -786,58 +657,235 @@ class FaceRWKV(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Running wkv.cu
-#
-# wkv() and biwkv() above are the maths; wkv.cu holds the same algorithms as raw CUDA, forward
-# and backward, in float32. Three runtimes:
-#   * CUDA:  wkv.cu compiled by NVRTC through cupy.RawModule, launched on torch's stream;
-#   * CPU:   the same unmodified wkv.cu compiled by g++ behind _CPU_SHIM (a few lines of fake
-#            CUDA), called through ctypes -- each "CUDA thread" becomes a loop over CPU_LANES
-#            channels that g++ vectorises, and the threads are shared out over host threads;
-#   * torch: wkv_torch / biwkv_torch, differentiated by autograd; the fallback where wkv.cu
-#            cannot run (slower, same numbers up to float rounding).
+# Weight files: read by torch.load through an unpickler that rebuilds tensors and plain data
+# only. Any other class becomes an inert placeholder: never imported, and calling it (what a
+# malicious __reduce__ does) stops the load.
+
+PLAIN_GLOBALS = {  # module: the names a weights file may use from it
+    "builtins": "set frozenset list dict tuple int float complex bool str bytes bytearray slice range",
+    "collections": "OrderedDict", "_codecs": "encode", "numpy": "ndarray dtype",
+    "torch": "Size Tensor device UntypedStorage TypedStorage", "torch.storage": "UntypedStorage TypedStorage",
+    "torch.nn.parameter": "Parameter", "torch._tensor": "_rebuild_from_type_v2", "torch.serialization": "_get_layout",
+    "torch._utils": "_rebuild_tensor _rebuild_tensor_v2 _rebuild_tensor_v3 _rebuild_parameter "
+                    "_rebuild_parameter_with_state _rebuild_device_tensor_from_numpy"}
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_globals():
+    g = {(m, n): getattr(importlib.import_module(m), n) for m, names in PLAIN_GLOBALS.items() for n in names.split()
+         if hasattr(importlib.import_module(m), n)}
+    g.update((("torch", n), v) for n, v in vars(torch).items() if isinstance(v, (torch.dtype, torch.layout)))
+    g.update((("numpy.dtypes", n), v) for n, v in vars(np.dtypes).items() if isinstance(v, type))
+    multiarray = (getattr(np, "_core", None) or np.core).multiarray  # numpy 2 renamed numpy.core
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        g[module, "_reconstruct"], g[module, "scalar"] = multiarray._reconstruct, multiarray.scalar
+    return g
+
+
+class NotPlainWeights(ValueError):
+    """A pickle that calls something other than the plain-data rebuilders."""
+
+
+class _PlaceholderType(type):
+    def __call__(cls, *args, **kwargs):  # REDUCE / INST: a pickle calling an unknown global
+        raise NotPlainWeights(f"calls {cls.__module__}.{cls.__qualname__}")
+
+
+class Placeholder(metaclass=_PlaceholderType):
+    """Stands in for an instance of a class the file names (e.g. a training script's own logger):
+    made without running any of its code (NEWOBJ), its pickled state kept as attributes."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __setstate__(self, state):  # BUILD
+        state, slots = state if isinstance(state, tuple) and len(state) == 2 else (state, None)
+        for part in (state, slots):
+            if isinstance(part, dict):
+                self.__dict__.update(part)
+            elif part is not None:
+                self.__dict__["state"] = part
+
+
+class _plain_pickle:
+    """What torch.load calls `pickle_module`: the standard pickle with a restricted Unpickler."""
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            return _plain_globals().get((module, name)) or _PlaceholderType(
+                name, (Placeholder,), {"__module__": module, "__qualname__": name})
+
+    @staticmethod
+    def load(f, **kwargs):
+        return _plain_pickle.Unpickler(f, **kwargs).load()
+
+
+def read_checkpoint(path):
+    """A torch weights file's object (usually a dict), loaded on the CPU without running any code."""
+    path = Path(path)
+    check(path.is_file(), f"{path}: weights file not found")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            check(not any(n.endswith("constants.pkl") for n in z.namelist()),
+                  f"{path}: a TorchScript archive, not a plain weights file; FaceRWKV never unpickles code")
+    try:
+        return torch.load(path, map_location="cpu", pickle_module=_plain_pickle, weights_only=False)
+    except NotPlainWeights as e:
+        raise ValueError(f"{path}: the pickle {e}, so it is not a plain weights file; "
+                         f"FaceRWKV never unpickles code") from None
+    except Exception as e:  # truncated, not a torch file, ...
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path}: could not read it as a torch weights file ({type(e).__name__}: {why})") from None
+
+
+def read_state_dict(path):
+    """A weights file as {str: Tensor}: unwraps {'state_dict': ...} / {'model': ...} and a
+    DataParallel 'module.' prefix; every value a tensor with finite values."""
+    sd = read_checkpoint(path)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
+    check(isinstance(sd, dict), f"{path} holds a {type(sd).__name__}, not a state dict of tensors")
+    out = {}
+    for key, value in sd.items():
+        check(isinstance(key, str), f"{path}: key {key!r} is not a string; not a state dict")
+        check(isinstance(value, torch.Tensor), f"{path}: {key} is a {type(value).__name__}, not a tensor")
+        check(not value.is_floating_point() or bool(torch.isfinite(value).all()),
+              f"{path}: tensor {key} holds NaN or infinite values")
+        out[key.removeprefix("module.")] = value
+    return out
+
+
+def _some(keys, n=5):
+    keys = list(keys)
+    return f"{keys[:n]}{f' and {len(keys) - n} more' if len(keys) > n else ''} ({len(keys)} in all)"
+
+
+def load_weights(module, state_dict, source, ignore=()):
+    """Copy state_dict into module, strictly; keys starting with a prefix in `ignore` are
+    recognised and skipped. Returns the number skipped; anything else amiss is a ValueError.
+    BatchNorm's num_batches_tracked may be absent (older files; unused in eval), as torch allows."""
+    own = module.state_dict()
+    skipped = [k for k in state_dict if k not in own and k.startswith(tuple(ignore))]
+    unexpected = [k for k in state_dict if k not in own and k not in skipped]
+    missing = [k for k in own if k not in state_dict and not k.endswith("num_batches_tracked")]
+    wrong = [f"{k} {tuple(state_dict[k].shape)} (need {tuple(v.shape)})" for k, v in own.items()
+             if k in state_dict and state_dict[k].shape != v.shape]
+    check(not missing, f"{source} lacks the keys {_some(missing)}; found keys like {list(state_dict)[:5]}")
+    check(not wrong, f"{source} has weights of the wrong shape: {_some(wrong)}")
+    check(not unexpected, f"{source} has unexpected keys {_some(unexpected)}")
+    module.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
+    return len(skipped)
+
+
+# -----------------------------------------------------------------------------
+# Files and the cache: one directory, one way to write, one digest check
+
+@functools.lru_cache(maxsize=None)
+def _private_cache(problem):
+    path = Path(tempfile.mkdtemp(prefix="facerwkv-"))
+    print(f"facerwkv: warning: {problem}; using a private cache in {path} for this run", file=sys.stderr)
+    return path
+
+
+def cache_dir():
+    """$FACERWKV_CACHE or ~/.cache/facerwkv (mode 0700), if it is ours, writable and not group or
+    world writable; else a private fresh directory for this process, with a one-line warning."""
+    root = Path(os.environ.get("FACERWKV_CACHE") or Path.home() / ".cache" / "facerwkv")
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = root.stat()
+    except OSError as e:
+        return _private_cache(f"cannot create the cache directory {root} ({e.strerror})")
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        return _private_cache(f"the cache directory {root} is not yours alone (owner uid {st.st_uid}, mode "
+                              f"{st.st_mode & 0o777:o}); fix with chmod 700 or set FACERWKV_CACHE")
+    if not (st.st_mode & 0o200 and os.access(root, os.W_OK)):
+        return _private_cache(f"the cache directory {root} is read-only")
+    return root
+
+
+def atomic_write(path, data):
+    """Write bytes (or call data(tmp_path) to write the file) beside path, fsync, rename onto path:
+    readers see the old file or the whole new one, never half of it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if not callable(data):
+                f.write(data)
+        if callable(data):
+            data(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def cached(name, build):
+    """The cache entry `name`, built by build(tmp_path) when missing. Its sha256 is recorded beside
+    it (name.sha256) and checked on every use: a corrupt entry is reported, deleted and rebuilt."""
+    root = cache_dir()
+    path, digest_path = root / name, root / f"{name}.sha256"
+    if path.exists():
+        recorded = digest_path.read_text().strip() if digest_path.exists() else None
+        if recorded is not None and recorded == _sha256(path):
+            return path
+        if recorded is not None:
+            print(f"facerwkv: cache entry {path} does not match its digest (corrupt); rebuilding", file=sys.stderr)
+        path.unlink(missing_ok=True)
+    atomic_write(path, build)
+    atomic_write(digest_path, _sha256(path).encode())
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Running wkv.cu. wkv() and biwkv() above are the maths; wkv.cu holds the same algorithms as raw
+# CUDA, forward and backward, in float32. On CUDA tensors it is compiled by NVRTC (cupy.RawModule)
+# and launched on torch's stream; on CPU tensors the same unmodified file is compiled by g++ behind
+# _CPU_SHIM (a few lines of fake CUDA) and called through ctypes; where neither can run,
+# wkv_torch / biwkv_torch (same numbers up to rounding, slower).
 
 WKV_CU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wkv.cu")
 WKV_BLOCK = 128  # CUDA threads per block; one thread per (batch, channel) on the GPU
-NVRTC_OPTIONS = ("-std=c++17",)  # what the GPU path compiles wkv.cu with
-with open(WKV_CU) as f:  # floats of scratch per (b, t, c) that the biwkv kernels need (see wkv.cu)
+NVRTC_OPTIONS = ("-std=c++17",)
+with open(WKV_CU) as f:  # floats of scratch per (b, t, c) that the biwkv kernels need
     BIWKV_WORK = int(re.search(r"#define BIWKV_WORK (\d+)", f.read()).group(1))
-KERNEL_WORK = {"wkv": 0, "biwkv": BIWKV_WORK}
 
 
 def _run_operator(name, function, fallback, w, u, k, v, backend):
     """wkv() and biwkv(): check the shapes, pick the backend, compute in float32, return k's dtype."""
-    if k.dim() != 3 or v.shape != k.shape or w.shape != (k.shape[2],) or u.shape != w.shape:
-        raise ValueError(f"{name} expects w, u of shape (C,) and k, v of shape (B, T, C); got "
-                         f"w {tuple(w.shape)}, u {tuple(u.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if backend is None:
-        backend = os.environ.get("FACERWKV_WKV") or None
-    if backend not in (None, "kernel", "torch"):
-        raise ValueError(f"{name} backend must be None, 'kernel' or 'torch' (also in FACERWKV_WKV); got {backend!r}")
-    dtype = k.dtype
-    w, u, k, v = (x.float().contiguous() for x in (w, u, k, v))
+    check(k.dim() == 3 and v.shape == k.shape and w.shape == (k.shape[2],) and u.shape == w.shape,
+          f"{name} expects w, u of shape (C,) and k, v of shape (B, T, C); got "
+          f"w {tuple(w.shape)}, u {tuple(u.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    backend = backend or os.environ.get("FACERWKV_WKV") or None
+    check(backend in (None, "kernel", "torch"),
+          f"{name} backend must be None, 'kernel' or 'torch' (also in FACERWKV_WKV); got {backend!r}")
     problem = None if backend == "torch" else kernel_problem(k.device)
     if problem and backend == "kernel":
         raise RuntimeError(f"{name}(backend='kernel'): {problem}")
     if problem:
         _warn_fallback(problem)
-    if backend == "torch" or problem:
-        return fallback(w, u, k, v).to(dtype)
-    return function.apply(w, u, k, v).to(dtype)
+    run = fallback if backend == "torch" or problem else function.apply
+    return run(*(x.float().contiguous() for x in (w, u, k, v))).to(k.dtype)
 
 
 def kernel_problem(device):
     """None if wkv.cu can run on tensors of this device, else why not (naming the fix)."""
     if device.type == "cpu":
         return _cpu_build()[1]
-    if device.type == "cuda":
-        try:
-            import cupy  # noqa: F401  (only a GPU needs cupy)
-        except ImportError:
-            return ("wkv.cu on a GPU needs cupy: pip install cupy-cuda12x (or cupy-cuda13x, to match your "
-                    "CUDA driver)")
-        return None
-    return f"wkv.cu runs on CPU and CUDA tensors, not on {device.type}"
+    if device.type != "cuda":
+        return f"wkv.cu runs on CPU and CUDA tensors, not on {device.type}"
+    try:
+        import cupy  # noqa: F401  (only a GPU needs cupy)
+    except ImportError:
+        return "wkv.cu on a GPU needs cupy: pip install cupy-cuda12x (or cupy-cuda13x, to match your CUDA driver)"
 
 
 @functools.lru_cache(maxsize=None)
@@ -845,11 +893,10 @@ def _warn_fallback(problem):  # once per problem
     warnings.warn(f"FaceRWKV: {problem}. The WKV operators fall back to plain torch, which is many times slower.")
 
 
-# Just enough CUDA for g++ to compile wkv.cu as ordinary C++: the kernel qualifiers vanish,
-# threadIdx/blockIdx/blockDim/gridDim become thread_local globals (set in every host thread, so
-# two Python threads may launch at once), and launch() runs every (block, thread) of a 1-D grid,
-# sharing the blocks out over a few host threads. Each CPU "thread" handles CPU_LANES adjacent
-# channels, the loop that a GPU warp runs in lock-step (see wkv.cu).
+# Just enough CUDA for g++: the qualifiers vanish, threadIdx/blockIdx/blockDim/gridDim become
+# thread_local globals (so two Python threads may launch at once), and launch() runs every block
+# of a 1-D grid of one-thread blocks, shared out over n host threads (the calling thread is one).
+# Each CPU "thread" handles CPU_LANES adjacent channels, what a GPU warp does.
 CPU_LANES = 64
 _CPU_SHIM = r"""
 #include <math.h>
@@ -867,132 +914,90 @@ static thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 #include "@WKV_CU@"
 
 template <typename Kernel>
-static void launch(long long n_threads, int block, int n_workers, Kernel kernel) {
-    const unsigned int n_blocks = (unsigned int)((n_threads + block - 1) / block);
+static void launch(int B, int C, int n, Kernel kernel) {
+    const unsigned int blocks = (unsigned int)((long long)B * ((C + WKV_LANES - 1) / WKV_LANES));
     auto worker = [&](unsigned int first) {
-        gridDim.x = n_blocks;
-        blockDim.x = block;
-        for (unsigned int b = first; b < n_blocks; b += n_workers) {
-            blockIdx.x = b;
-            for (unsigned int t = 0; t < (unsigned int)block; t++) { threadIdx.x = t; kernel(); }
-        }
+        gridDim.x = blocks, blockDim.x = 1, threadIdx.x = 0;
+        for (unsigned int b = first; b < blocks; b += n) { blockIdx.x = b; kernel(); }
     };
     std::vector<std::thread> pool;
-    for (int i = 1; i < n_workers; i++) pool.emplace_back(worker, i);
+    for (int i = 1; i < n; i++) pool.emplace_back(worker, i);
     worker(0);
     for (auto& th : pool) th.join();
 }
 
-static long long n_threads(int B, int C) { return (long long)B * ((C + WKV_LANES - 1) / WKV_LANES); }
-
-extern "C" void cpu_wkv_forward(int B, int T, int C, const float* w, const float* u,
-                                const float* k, const float* v, float* y, int n_workers) {
-    launch(n_threads(B, C), 1, n_workers, [&] { wkv_forward(B, T, C, w, u, k, v, y); });
+#define F const float*
+extern "C" void cpu_wkv_forward(int B, int T, int C, F w, F u, F k, F v, float* y, int n) {
+    launch(B, C, n, [&] { wkv_forward(B, T, C, w, u, k, v, y); });
 }
-
-extern "C" void cpu_wkv_backward(int B, int T, int C, const float* w, const float* u,
-                                 const float* k, const float* v, const float* y,
-                                 const float* gy, float* gw, float* gu, float* gk, float* gv,
-                                 int n_workers) {
-    launch(n_threads(B, C), 1, n_workers,
-           [&] { wkv_backward(B, T, C, w, u, k, v, y, gy, gw, gu, gk, gv); });
+extern "C" void cpu_wkv_backward(int B, int T, int C, F w, F u, F k, F v, F y, F gy,
+                                 float* gw, float* gu, float* gk, float* gv, int n) {
+    launch(B, C, n, [&] { wkv_backward(B, T, C, w, u, k, v, y, gy, gw, gu, gk, gv); });
 }
-
-extern "C" void cpu_biwkv_forward(int B, int T, int C, const float* w, const float* u,
-                                  const float* k, const float* v, float* y, float* work,
-                                  int n_workers) {
-    launch(n_threads(B, C), 1, n_workers, [&] { biwkv_forward(B, T, C, w, u, k, v, y, work); });
+extern "C" void cpu_biwkv_forward(int B, int T, int C, F w, F u, F k, F v, float* y, float* work, int n) {
+    launch(B, C, n, [&] { biwkv_forward(B, T, C, w, u, k, v, y, work); });
 }
-
-extern "C" void cpu_biwkv_backward(int B, int T, int C, const float* w, const float* u,
-                                   const float* k, const float* v, const float* y,
-                                   const float* gy, float* gw, float* gu, float* gk, float* gv,
-                                   float* work, int n_workers) {
-    launch(n_threads(B, C), 1, n_workers,
-           [&] { biwkv_backward(B, T, C, w, u, k, v, y, gy, gw, gu, gk, gv, work); });
+extern "C" void cpu_biwkv_backward(int B, int T, int C, F w, F u, F k, F v, F y, F gy,
+                                   float* gw, float* gu, float* gk, float* gv, float* work, int n) {
+    launch(B, C, n, [&] { biwkv_backward(B, T, C, w, u, k, v, y, gy, gw, gu, gk, gv, work); });
 }
 """
-# Compiler flags, fastest first: native vector instructions with glibc's vector expf (libmvec),
-# then a plain portable build. No -ffast-math: the only licences taken are -ffinite-math-only
-# (inputs are finite; the "empty state" exponent is -1e38, not -inf) and -fno-trapping-math (no
-# floating-point exception is ever unmasked), which together let g++ turn the selects of the max
-# trick into branch-free vector code; without the latter g++ 12 vectorises none of the lane loops.
-_CPU_BUILDS = (
-    ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-ffinite-math-only", "-fno-trapping-math",
-     "-DWKV_VECTOR_EXP", "-lmvec"],
-    ["-O3"],
-)
-
-
-def _cache_dir():
-    root = os.environ.get("FACERWKV_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "facerwkv")
-    try:
-        os.makedirs(root, exist_ok=True)
-        return root
-    except OSError:  # read-only home: fall back to the temp dir
-        return tempfile.gettempdir()
-
-
-def _cpu_id():
-    """What -march=native depends on, so a cache shared by different machines stays right."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "".join(sorted({l for l in f if l.startswith(("model name", "flags", "Features"))}))
-    except OSError:
-        return platform.processor() + platform.machine()
+# Compiler flags, fastest first: native vector instructions with glibc's vector expf, then a
+# portable build. No -ffast-math: -ffinite-math-only (inputs are finite; the empty state is -1e38,
+# not -inf) and -fno-trapping-math (no FP exception is unmasked) let g++ turn the max trick's
+# selects into branch-free vector code.
+_CPU_BUILDS = (["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-ffinite-math-only",
+                "-fno-trapping-math", "-DWKV_VECTOR_EXP", "-lmvec"], ["-O3"])
+# Up to this many (batch, channel) x token steps a launch runs on the calling thread alone:
+# starting host threads costs more than they save, and they compete with torch's own threads.
+SERIAL_WORK = 1 << 21
 
 
 def cpu_kernels():
-    """wkv.cu built for the host as a shared library (cached on disk), or None when no C++
-    compiler is available or no build succeeds (kernel_problem says why)."""
+    """wkv.cu built for the host as a ctypes library (cached), or None (kernel_problem says why)."""
     return _cpu_build()[0]
 
 
 @functools.lru_cache(maxsize=None)
 def _cpu_build():
-    """(the ctypes library, None), or (None, why it cannot be built)."""
+    """(the ctypes library, None), or (None, why it cannot be built). Built through cached(), so a
+    library is loaded only from the user's own cache and only if its digest matches."""
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         return None, f"no C++ compiler ({cxx}) to build wkv.cu for the CPU; install g++ or set CXX"
     shim = _CPU_SHIM.replace("@WKV_CU@", WKV_CU)
-    with open(WKV_CU) as f:
-        kernel_source = f.read()
+    try:  # what -march=native depends on, so a cache shared by different machines stays right
+        with open("/proc/cpuinfo") as f:
+            cpu = "".join(sorted({line for line in f if line.startswith(("model name", "flags", "Features"))}))
+    except OSError:
+        cpu = platform.processor() + platform.machine()
     errors = []
     for flags in _CPU_BUILDS:
-        cmd = [cxx, "-std=c++17", "-shared", "-fPIC", "-pthread", f"-DWKV_LANES={CPU_LANES}"] + flags
-        key = "\n".join([shim, kernel_source, " ".join(cmd), _cpu_id()])
-        lib_path = os.path.join(_cache_dir(), f"wkv_cpu_{hashlib.sha256(key.encode()).hexdigest()[:16]}.so")
-        if not os.path.exists(lib_path):
-            # build beside the target, then rename: concurrent processes never see a partial file
-            with tempfile.TemporaryDirectory(dir=os.path.dirname(lib_path)) as tmp:
-                src, out = os.path.join(tmp, "wkv_cpu.cpp"), os.path.join(tmp, "wkv_cpu.so")
-                with open(src, "w") as f:
-                    f.write(shim)
-                # the source goes before the libraries (-lmvec) on the command line
-                run = subprocess.run([cmd[0], src, "-o", out] + cmd[1:], capture_output=True, text=True)
+        cmd = ["-std=c++17", "-shared", "-fPIC", "-pthread", f"-DWKV_LANES={CPU_LANES}"] + flags
+        key = hashlib.sha256("\n".join([shim, Path(WKV_CU).read_text(), cxx, *cmd, cpu]).encode()).hexdigest()[:16]
+
+        def build(out):
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / "wkv_cpu.cpp").write_text(shim)
+                run = subprocess.run([cxx, str(Path(tmp) / "wkv_cpu.cpp"), "-o", out] + cmd,  # -l after the source
+                                     capture_output=True, text=True)
                 if run.returncode != 0:
-                    errors.append(run.stderr[-1500:])
-                    continue
-                os.replace(out, lib_path)
-        lib = ctypes.CDLL(lib_path)
-        ptr, i32 = ctypes.c_void_p, ctypes.c_int
-        lib.cpu_wkv_forward.argtypes = [i32, i32, i32] + [ptr] * 5 + [i32]
-        lib.cpu_wkv_backward.argtypes = [i32, i32, i32] + [ptr] * 10 + [i32]
-        lib.cpu_biwkv_forward.argtypes = [i32, i32, i32] + [ptr] * 6 + [i32]
-        lib.cpu_biwkv_backward.argtypes = [i32, i32, i32] + [ptr] * 11 + [i32]
+                    raise RuntimeError(run.stderr[-1500:])
+        try:
+            lib = ctypes.CDLL(str(cached(f"wkv_cpu_{key}.so", build)))
+        except (RuntimeError, OSError) as e:
+            errors.append(str(e))
+            continue
+        for name, n_ptr in (("wkv_forward", 5), ("wkv_backward", 10), ("biwkv_forward", 6), ("biwkv_backward", 11)):
+            getattr(lib, "cpu_" + name).argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * n_ptr + [ctypes.c_int]
         return lib, None
     return None, f"{cxx} could not build wkv.cu for the CPU (fix the compiler, or set CXX):\n" + "\n".join(errors)
-
-
-def _launch_cpu(kernel, B, T, C, *tensors):
-    getattr(cpu_kernels(), "cpu_" + kernel)(B, T, C, *(t.data_ptr() for t in tensors), torch.get_num_threads())
 
 
 @functools.lru_cache(maxsize=None)
 def cuda_module():
     import cupy  # kernel_problem() has checked that it is there
-    with open(WKV_CU) as f:
-        return cupy.RawModule(code=f.read(), options=NVRTC_OPTIONS)  # compiled per device, cached
+    return cupy.RawModule(code=Path(WKV_CU).read_text(), options=NVRTC_OPTIONS)  # compiled per device, cached
 
 
 def cupy_stream(cupy, stream):
@@ -1003,56 +1008,40 @@ def cupy_stream(cupy, stream):
     return cupy.cuda.ExternalStream(stream.cuda_stream, stream.device_index)
 
 
-def _launch_cuda(kernel, B, T, C, *tensors):
+def _launch(kernel, k, *tensors):
+    """wkv.cu's `kernel` on float32 contiguous tensors, (B, T, C) = k.shape, plus the scratch the
+    biwkv kernels need: through cupy on CUDA tensors, through the g++ build on CPU ones."""
+    B, T, C = k.shape
+    tensors += (k.new_empty(BIWKV_WORK * k.numel()),) if kernel.startswith("biwkv") else ()
+    if not k.is_cuda:
+        n_workers = 1 if B * T * C <= SERIAL_WORK else torch.get_num_threads()
+        return getattr(cpu_kernels(), "cpu_" + kernel)(B, T, C, *(t.data_ptr() for t in tensors), n_workers)
     import cupy
-    device = tensors[0].device
-    with cupy.cuda.Device(device.index), cupy_stream(cupy, torch.cuda.current_stream(device)):
-        function = cuda_module().get_function(kernel)
+    with cupy.cuda.Device(k.device.index), cupy_stream(cupy, torch.cuda.current_stream(k.device)):
         args = [np.int32(B), np.int32(T), np.int32(C)] + [cupy.from_dlpack(t) for t in tensors]  # zero-copy
-        function(((B * C + WKV_BLOCK - 1) // WKV_BLOCK,), (WKV_BLOCK,), tuple(args))  # WKV_LANES = 1
-
-
-def _kernel_forward(ctx, name, w, u, k, v):
-    B, T, C = k.shape
-    launch = _launch_cuda if k.is_cuda else _launch_cpu
-    y = torch.empty_like(k)
-    work = [k.new_empty(KERNEL_WORK[name] * k.numel())] if KERNEL_WORK[name] else []  # the kernels' scratch
-    launch(f"{name}_forward", B, T, C, w, u, k, v, y, *work)
-    ctx.save_for_backward(w, u, k, v, y)
-    return y
-
-
-def _kernel_backward(ctx, name, gy):
-    w, u, k, v, y = ctx.saved_tensors
-    B, T, C = k.shape
-    launch = _launch_cuda if k.is_cuda else _launch_cpu
-    gw, gu = k.new_empty(B, C), k.new_empty(B, C)  # partial sums per batch element
-    gk, gv = torch.empty_like(k), torch.empty_like(k)
-    work = [k.new_empty(KERNEL_WORK[name] * k.numel())] if KERNEL_WORK[name] else []
-    launch(f"{name}_backward", B, T, C, w, u, k, v, y, gy.float().contiguous(), gw, gu, gk, gv, *work)
-    return gw.sum(0), gu.sum(0), gk, gv
+        cuda_module().get_function(kernel)(((B * C + WKV_BLOCK - 1) // WKV_BLOCK,), (WKV_BLOCK,), tuple(args))
 
 
 class WKVFunction(torch.autograd.Function):
-    """wkv.cu's wkv_forward / wkv_backward as an autograd op: float32, contiguous inputs, on CUDA
-    (cupy) or CPU (ctypes)."""
+    """wkv.cu's wkv_forward / wkv_backward as an autograd op: float32, contiguous, CUDA or CPU."""
+    name = "wkv"
 
-    @staticmethod
-    def forward(ctx, w, u, k, v):
-        return _kernel_forward(ctx, "wkv", w, u, k, v)
+    @classmethod
+    def forward(cls, ctx, w, u, k, v):
+        y = torch.empty_like(k)
+        _launch(f"{cls.name}_forward", k, w, u, k, v, y)
+        ctx.save_for_backward(w, u, k, v, y)
+        return y
 
-    @staticmethod
-    def backward(ctx, gy):
-        return _kernel_backward(ctx, "wkv", gy)
+    @classmethod
+    def backward(cls, ctx, gy):
+        w, u, k, v, y = ctx.saved_tensors
+        gw, gu = k.new_empty(k.shape[0], k.shape[2]), k.new_empty(k.shape[0], k.shape[2])  # partial sums per batch
+        gk, gv = torch.empty_like(k), torch.empty_like(k)
+        _launch(f"{cls.name}_backward", k, w, u, k, v, y, gy.float().contiguous(), gw, gu, gk, gv)
+        return gw.sum(0), gu.sum(0), gk, gv
 
 
-class BiWKVFunction(torch.autograd.Function):
+class BiWKVFunction(WKVFunction):
     """wkv.cu's biwkv_forward / biwkv_backward as an autograd op, as WKVFunction."""
-
-    @staticmethod
-    def forward(ctx, w, u, k, v):
-        return _kernel_forward(ctx, "biwkv", w, u, k, v)
-
-    @staticmethod
-    def backward(ctx, gy):
-        return _kernel_backward(ctx, "biwkv", gy)
+    name = "biwkv"
