@@ -2,7 +2,8 @@
 POSTER V2, and POSTER-RWKV: POSTER V2 with RWKV-4 in place of its transformer.
 
 POSTER V2 (Mao et al. 2023, "POSTER V2: A simpler and stronger facial expression recognition
-network", arXiv 2301.12149; public code Talented-Q/POSTER_V2) fuses two streams at three scales:
+network", arXiv 2301.12149; public code github.com/Talented-Q/POSTER_V2, models/PosterV2_7cls.py)
+fuses two streams at three scales:
 
  image ─ resize 112 ─┬─ IR-50, stages 1-3 ──── x1, x2, x3 ── 3x3/2 conv each ── k, v ─┐
                      └─ MobileFaceNet (landmarks) ─ out3, out4, conv_features ── q ───┤
@@ -12,29 +13,28 @@ network", arXiv 2301.12149; public code Talented-Q/POSTER_V2) fuses two streams 
                        multi-scale embed: each scale to a 7x7 grid of 768-d tokens -> 147 tokens
                                                                                       ▼
                        THE TOKEN MIXER:  "transformer": POSTER V2's 2-block ViT (cls token)
-                                         "rwkv":        2 RWKV-4 blocks (the project's Block)
+                                         "rwkv":        2 RWKV-4 blocks (facerwkv.Block)
                                          "vrwkv":       2 Vision-RWKV blocks (Q-Shift per scale)
                                                                                       ▼
                        SE block -> Linear -> logits
 
-The project's objective (project-note.md) is the "rwkv" mixer; "transformer" reproduces POSTER V2
-on the same code for the comparison. Each piece below names the row of the table in
-poster-v2.md it implements. Read top to bottom: config, the image backbone (IR-50), the landmark
-backbone (MobileFaceNet), the cross-attention with its feedforward, the multi-scale embed, the
-mixers, the head, the model; then weight loading and POSTER V2's way of counting parameters.
-
-Pretrained weights are never fetched: ir50.pth and mobilefacenet_model_best.pth.tar come from
-paths the user gives (PosterRWKV.load_ir50_weights / load_landmark_weights).
+"transformer" is POSTER V2 itself (its logits, its 43.7 M parameters, its checkpoints through a
+fixed renaming); "rwkv" puts RWKV-4 in its place. Each piece names the part of POSTER V2's code it
+implements. Read top to bottom: config, the two backbones, cross-attention, multi-scale embed,
+mixers, head, model; then weight files (paths the user gives) and POSTER V2's parameter count.
 """
 
 import re
+import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from facerwkv import Block, FaceRWKVConfig, VRWKVBlock, param_table, read_state_dict
+from facerwkv import (Block, FaceRWKVConfig, TransformerBlock, VRWKVBlock, check, divisors, load_weights, mlp,
+                      param_table, read_state_dict, run_rnn)
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -45,19 +45,15 @@ POSTER_OPTIONS = {
 }
 
 POSTER_PRESETS = {
-    # POSTER V2 itself: 2 ViT blocks, 8 heads, cls token. 43.7 M parameters counted as POSTER V2 counts.
+    # POSTER V2 itself: 2 ViT blocks, 8 heads, cls token; 43.7 M parameters counted as POSTER V2 counts.
     "poster-v2": dict(mixer="transformer"),
-    # The project's objective: the same network with 2 RWKV-4 blocks over the 147 tokens. It pools the
-    # last token (pool=None -> "last", as the FaceRWKV paper), by measurement: on the small preset,
-    # 44.0 % test against 30.6 % / 29.4 % with the mean (README, the POSTER comparison).
+    # the same network with 2 RWKV-4 blocks over the 147 tokens, pooling the last token (as the
+    # FaceRWKV paper; the README's POSTER comparison gives the measurement behind this default)
     "poster-rwkv": dict(mixer="rwkv"),
-    # The same with Vision-RWKV's blocks (Bi-WKV, Q-Shift): Q-Shift runs on each scale's 7x7 grid
-    # on its own, never across scales; Bi-WKV runs over all 147 tokens.
+    # the same with Vision-RWKV's blocks: Q-Shift on each scale's 7x7 grid on its own, never across
+    # scales; Bi-WKV over all 147 tokens
     "poster-vrwkv": dict(mixer="vrwkv"),
-    # Small enough to train on a 2-core CPU at 112 x 112: same structure and 147 tokens, fewer units,
-    # narrower. Forward+backward of a batch of 32 takes about 1.5 s on this project's 2 cores (2.1 CPU-s
-    # on one), mostly the convolutions and the 784-token first cross-attention; the mixer is ~15 %.
-    # backbone_size=64 (48 tokens) is ~4x faster, if the token count may change.
+    # small enough to train on a CPU at 112 x 112: the same structure and 147 tokens, narrower
     "poster-small": dict(img_size=112, ir_units=(1, 1, 2), dims=(16, 32, 64), cross_heads=(1, 1, 2),
                          landmark_units=(1, 1, 1), landmark_dim=128, embed_dim=128, n_head=4,
                          mixer="rwkv"),
@@ -90,47 +86,36 @@ class PosterConfig:
             self.pool = "cls" if self.mixer == "transformer" else "last"
         for name in ("ir_units", "dims", "cross_heads", "landmark_units", "drop_path"):
             value = getattr(self, name)
-            if not (isinstance(value, (tuple, list)) and len(value) == 3):
-                raise ValueError(f"{name} needs one value per scale, 3 in all, e.g. {getattr(PosterConfig, name)}; "
-                                 f"got {value!r}")
+            check(isinstance(value, (tuple, list)) and len(value) == 3,
+                  f"{name} needs one value per scale, 3 in all, e.g. {getattr(PosterConfig, name)}; got {value!r}")
             setattr(self, name, tuple(value))  # a list after a JSON round trip
-        ints = ("n_classes", "img_size", "backbone_size", "landmark_dim", "embed_dim", "depth", "n_head")
-        for name, value in [(n, getattr(self, n)) for n in ints] + [
-                (f"{n}[{i}]", v) for n in ("ir_units", "dims", "cross_heads", "landmark_units")
-                for i, v in enumerate(getattr(self, n))]:
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
-        if self.n_classes < 2:
-            raise ValueError(f"n_classes must be an integer >= 2; got {self.n_classes!r}")
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        ints = [(n, getattr(self, n)) for n in ("n_classes", "img_size", "backbone_size", "landmark_dim", "embed_dim",
+                                                 "depth", "n_head")]
+        for name, value in ints + [(f"{n}[{i}]", v) for n in ("ir_units", "dims", "cross_heads", "landmark_units")
+                                   for i, v in enumerate(getattr(self, n))]:
+            check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                  f"{name} must be a positive integer; got {value!r}")
+        check(self.n_classes >= 2, f"n_classes must be an integer >= 2; got {self.n_classes!r}")
         for name, allowed in POSTER_OPTIONS.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not an option; use one of {allowed}")
-        if self.mixer == "transformer" and self.pool != "cls":
-            raise ValueError(f"the transformer mixer pools its cls token, as POSTER V2; set pool='cls' (or None), "
-                             f"not {self.pool!r}")
-        if self.mixer != "transformer" and self.pool == "cls":
-            raise ValueError(f"pool='cls' needs the transformer mixer (the {self.mixer} mixer has no cls token); "
-                             "use pool='last' or 'mean'")
-        if self.backbone_size % 16:
-            raise ValueError(f"backbone_size must be a multiple of 16 (the third scale is backbone_size/16 wide); "
-                             f"got {self.backbone_size}, use e.g. {max(16, round(self.backbone_size / 16) * 16)}")
+            check(getattr(self, name) in allowed, f"{name}={getattr(self, name)!r} is not an option; use one of {allowed}")
+        check(self.mixer != "transformer" or self.pool == "cls", "the transformer mixer pools its cls token, as "
+              f"POSTER V2; set pool='cls' (or None), not {self.pool!r}")
+        check(self.mixer == "transformer" or self.pool != "cls", f"pool='cls' needs the transformer mixer (the "
+              f"{self.mixer} mixer has no cls token); use pool='last' or 'mean'")
+        check(self.backbone_size % 16 == 0, "backbone_size must be a multiple of 16 (the third scale is backbone_size"
+              f"/16 wide); got {self.backbone_size}, use e.g. {max(16, round(self.backbone_size / 16) * 16)}")
         for s, (dim, heads) in enumerate(zip(self.dims, self.cross_heads)):
-            if dim % heads:
-                raise ValueError(f"dims[{s}]={dim} is not divisible by cross_heads[{s}]={heads}; use cross_heads[{s}] "
-                                 f"in {[h for h in range(1, dim + 1) if dim % h == 0]}")
-        if self.mixer == "transformer" and self.embed_dim % self.n_head:
-            raise ValueError(f"the transformer mixer needs embed_dim ({self.embed_dim}) divisible by n_head "
-                             f"({self.n_head}); use n_head in "
-                             f"{[h for h in range(1, self.embed_dim + 1) if self.embed_dim % h == 0]}")
-        if not (isinstance(self.mlp_ratio, (int, float)) and self.mlp_ratio > 0
-                and int(self.mlp_ratio * min(*self.dims, self.embed_dim)) >= 1):
-            raise ValueError(f"mlp_ratio must be a positive number (POSTER V2: 4.0); got {self.mlp_ratio!r}")
-        if self.layer_scale is not None and not (isinstance(self.layer_scale, (int, float)) and self.layer_scale > 0):
-            raise ValueError(f"layer_scale must be a positive number (POSTER V2: 1e-5) or None for no layer scale; "
-                             f"got {self.layer_scale!r}")
-        if not all(isinstance(p, (int, float)) and 0 <= p < 1 for p in self.drop_path):
-            raise ValueError(f"drop_path values must be probabilities in [0, 1) (POSTER V2: (0.0, 0.125, 0.25)); "
-                             f"got {self.drop_path!r}")
+            check(dim % heads == 0, f"dims[{s}]={dim} is not divisible by cross_heads[{s}]={heads}; "
+                  f"use cross_heads[{s}] in {divisors(dim)}")
+        check(self.mixer != "transformer" or self.embed_dim % self.n_head == 0, "the transformer mixer needs embed_dim "
+              f"({self.embed_dim}) divisible by n_head ({self.n_head}); use n_head in {divisors(self.embed_dim)}")
+        check(number(self.mlp_ratio) and self.mlp_ratio > 0 and int(self.mlp_ratio * min(*self.dims, self.embed_dim)),
+              f"mlp_ratio must be a positive number (POSTER V2: 4.0); got {self.mlp_ratio!r}")
+        check(self.layer_scale is None or (number(self.layer_scale) and self.layer_scale > 0), "layer_scale must be a "
+              f"positive number (POSTER V2: 1e-5) or None for no layer scale; got {self.layer_scale!r}")
+        check(all(number(p) and 0 <= p < 1 for p in self.drop_path), "drop_path values must be probabilities in "
+              f"[0, 1) (POSTER V2: (0.0, 0.125, 0.25)); got {self.drop_path!r}")
 
     @property
     def grids(self):
@@ -146,14 +131,13 @@ class PosterConfig:
     @classmethod
     def preset(cls, name, **overrides):
         """"poster-v2", "poster-rwkv", "poster-vrwkv" or "poster-small", with any field overridden."""
-        if name not in POSTER_PRESETS:
-            raise ValueError(f"unknown preset {name!r}; use one of {tuple(POSTER_PRESETS)}")
+        check(name in POSTER_PRESETS, f"unknown preset {name!r}; use one of {tuple(POSTER_PRESETS)}")
         return cls(**{**POSTER_PRESETS[name], **overrides})
 
 
 # -----------------------------------------------------------------------------
-# Image backbone (table row "image backbone"): ArcFace IR-50, its first three stages.
-# Attribute names are those of POSTER V2's ir50.py, so its state-dict keys load unchanged:
+# Image backbone (POSTER V2's models/ir50.py, Backbone(50, 0.0, 'ir')): ArcFace IR-50, its first
+# three stages. Attribute names are ir50.py's, so its keys load unchanged:
 # input_layer.{0,1,2}.*, body{1,2,3}.{unit}.shortcut_layer.*, body{1,2,3}.{unit}.res_layer.*
 
 class BottleneckIR(nn.Module):
@@ -167,12 +151,9 @@ class BottleneckIR(nn.Module):
         else:
             self.shortcut_layer = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
                                                 nn.BatchNorm2d(out_channels))
-        self.res_layer = nn.Sequential(
-            nn.BatchNorm2d(in_channels),
-            nn.Conv2d(in_channels, out_channels, 3, 1, 1, bias=False),
-            nn.PReLU(out_channels),
-            nn.Conv2d(out_channels, out_channels, 3, stride, 1, bias=False),
-            nn.BatchNorm2d(out_channels))
+        self.res_layer = nn.Sequential(nn.BatchNorm2d(in_channels), nn.Conv2d(in_channels, out_channels, 3, 1, 1, bias=False),
+                                       nn.PReLU(out_channels), nn.Conv2d(out_channels, out_channels, 3, stride, 1, bias=False),
+                                       nn.BatchNorm2d(out_channels))
 
     def forward(self, x):
         return self.res_layer(x) + self.shortcut_layer(x)  # (B, out, H/stride, W/stride)
@@ -180,60 +161,35 @@ class BottleneckIR(nn.Module):
 
 class IR50(nn.Module):
     """Input layer (3x3 conv 3->64, BN, PReLU) and three stages of bottleneck_IR units, the first
-    unit of each stage striding 2: (3, 4, 14) units of 64, 128, 256 channels in IR-50. Its fourth
-    stage and output layer (BN, Linear 25088->512) are not used by POSTER V2 and not built."""
+    unit of each stage striding 2: (3, 4, 14) units of 64, 128, 256 channels in IR-50. Its output
+    layer (BN, Linear 25088->512, BN1d), which POSTER V2 builds but never runs, is not built."""
 
     def __init__(self, config):
         super().__init__()
         d1, d2, d3 = config.dims
         self.input_layer = nn.Sequential(nn.Conv2d(3, d1, 3, 1, 1, bias=False), nn.BatchNorm2d(d1), nn.PReLU(d1))
-
-        def stage(in_channels, out_channels, units):
-            return nn.Sequential(BottleneckIR(in_channels, out_channels, 2),
-                                 *[BottleneckIR(out_channels, out_channels, 1) for _ in range(units - 1)])
-        self.body1 = stage(d1, d1, config.ir_units[0])
-        self.body2 = stage(d1, d2, config.ir_units[1])
-        self.body3 = stage(d2, d3, config.ir_units[2])
+        stage = lambda c_in, c_out, units: nn.Sequential(BottleneckIR(c_in, c_out, 2),  # noqa: E731
+                                                         *[BottleneckIR(c_out, c_out, 1) for _ in range(units - 1)])
+        n1, n2, n3 = config.ir_units
+        self.body1, self.body2, self.body3 = stage(d1, d1, n1), stage(d1, d2, n2), stage(d2, d3, n3)
 
     def forward(self, x):
-        x = self.input_layer(x)  # (B, 64, 112, 112)
-        x1 = self.body1(x)       # (B, 64, 56, 56)
-        x2 = self.body2(x1)      # (B, 128, 28, 28)
-        x3 = self.body3(x2)      # (B, 256, 14, 14)
+        x1 = self.body1(self.input_layer(x))  # (B, 64, 56, 56), from (B, 64, 112, 112)
+        x2 = self.body2(x1)                   # (B, 128, 28, 28)
+        x3 = self.body3(x2)                   # (B, 256, 14, 14)
         return x1, x2, x3
 
 
 # -----------------------------------------------------------------------------
-# Landmark backbone (table row "landmark backbone"): MobileFaceNet, a 68-landmark regressor.
-# Attribute names are those of POSTER V2's mobilefacenet.py, so the keys of
-# mobilefacenet_model_best.pth.tar's ['state_dict'] load unchanged (conv1.conv.weight,
-# conv_3.model.0.conv_dw.bn.running_mean, ...). Its GDC head (output_layer: depthwise 7x7,
-# Linear 512->136, BN1d) computes the landmarks themselves; POSTER V2 runs it and throws the result
-# away, so it is not built here and its keys in a checkpoint are skipped.
+# Landmark backbone (POSTER V2's models/mobilefacenet.py): MobileFaceNet, a 68-landmark regressor,
+# with mobilefacenet.py's names, so mobilefacenet_model_best.pth.tar loads unchanged. Its GDC head
+# (output_layer) computes the landmarks, which POSTER V2 discards: not built, its keys skipped.
 
-class ConvBlock(nn.Module):
-    """Conv_block: conv (no bias), BN, PReLU."""
-
-    def __init__(self, in_channels, out_channels, kernel=1, stride=1, padding=0, groups=1):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel, stride, padding, groups=groups, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels)
-        self.prelu = nn.PReLU(out_channels)
-
-    def forward(self, x):
-        return self.prelu(self.bn(self.conv(x)))
-
-
-class LinearBlock(nn.Module):
-    """Linear_block: conv (no bias), BN; no activation (a linear bottleneck)."""
-
-    def __init__(self, in_channels, out_channels):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels)
-
-    def forward(self, x):
-        return self.bn(self.conv(x))
+def conv_block(in_channels, out_channels, kernel=1, stride=1, padding=0, groups=1, prelu=True):
+    """Conv_block: conv (no bias), BN, PReLU; Linear_block (prelu=False): no activation."""
+    layers = OrderedDict(conv=nn.Conv2d(in_channels, out_channels, kernel, stride, padding, groups=groups, bias=False),
+                         bn=nn.BatchNorm2d(out_channels))
+    return nn.Sequential(OrderedDict(layers, **({"prelu": nn.PReLU(out_channels)} if prelu else {})))
 
 
 class DepthWise(nn.Module):
@@ -242,9 +198,9 @@ class DepthWise(nn.Module):
 
     def __init__(self, in_channels, out_channels, groups, stride, residual=False):
         super().__init__()
-        self.conv = ConvBlock(in_channels, groups)
-        self.conv_dw = ConvBlock(groups, groups, kernel=3, stride=stride, padding=1, groups=groups)
-        self.project = LinearBlock(groups, out_channels)
+        self.conv = conv_block(in_channels, groups)
+        self.conv_dw = conv_block(groups, groups, kernel=3, stride=stride, padding=1, groups=groups)
+        self.project = conv_block(groups, out_channels, prelu=False)
         self.residual = residual
 
     def forward(self, x):
@@ -252,15 +208,10 @@ class DepthWise(nn.Module):
         return x + y if self.residual else y
 
 
-class Residual(nn.Module):
-    """Residual: n residual Depth_Wise units at constant width c, expanding to g inside."""
-
-    def __init__(self, channels, units, groups):
-        super().__init__()
-        self.model = nn.Sequential(*[DepthWise(channels, channels, groups, 1, residual=True) for _ in range(units)])
-
-    def forward(self, x):
-        return self.model(x)
+def residual(channels, units, groups):
+    """Residual: `units` residual Depth_Wise units at constant width, expanding to `groups` inside."""
+    return nn.Sequential(OrderedDict(model=nn.Sequential(
+        *[DepthWise(channels, channels, groups, 1, residual=True) for _ in range(units)])))
 
 
 class MobileFaceNet(nn.Module):
@@ -272,30 +223,31 @@ class MobileFaceNet(nn.Module):
         super().__init__()
         c1, c2 = config.dims[:2]
         n3, n4, n5 = config.landmark_units
-        self.conv1 = ConvBlock(3, c1, kernel=3, stride=2, padding=1)
-        self.conv2_dw = ConvBlock(c1, c1, kernel=3, stride=1, padding=1, groups=c1)
+        self.conv1 = conv_block(3, c1, kernel=3, stride=2, padding=1)
+        self.conv2_dw = conv_block(c1, c1, kernel=3, stride=1, padding=1, groups=c1)
         self.conv_23 = DepthWise(c1, c1, groups=2 * c1, stride=2)
-        self.conv_3 = Residual(c1, n3, groups=2 * c1)
+        self.conv_3 = residual(c1, n3, groups=2 * c1)
         self.conv_34 = DepthWise(c1, c2, groups=2 * c2, stride=2)
-        self.conv_4 = Residual(c2, n4, groups=2 * c2)
+        self.conv_4 = residual(c2, n4, groups=2 * c2)
         self.conv_45 = DepthWise(c2, c2, groups=4 * c2, stride=2)
-        self.conv_5 = Residual(c2, n5, groups=2 * c2)
-        self.conv_6_sep = ConvBlock(c2, config.landmark_dim)
+        self.conv_5 = residual(c2, n5, groups=2 * c2)
+        self.conv_6_sep = conv_block(c2, config.landmark_dim)
         for m in self.modules():  # MobileFaceNet's own init (BatchNorm keeps PyTorch's 1, 0)
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x):
-        x = self.conv2_dw(self.conv1(x))       # (B, 64, 56, 56)
-        out3 = self.conv_3(self.conv_23(x))    # (B, 64, 28, 28)
+        x = self.conv2_dw(self.conv1(x))        # (B, 64, 56, 56)
+        out3 = self.conv_3(self.conv_23(x))     # (B, 64, 28, 28)
         out4 = self.conv_4(self.conv_34(out3))  # (B, 128, 14, 14)
-        x = self.conv_5(self.conv_45(out4))    # (B, 128, 7, 7)
-        conv_features = self.conv_6_sep(x)     # (B, 512, 7, 7)
+        x = self.conv_5(self.conv_45(out4))     # (B, 128, 7, 7)
+        conv_features = self.conv_6_sep(x)      # (B, 512, 7, 7)
         return out3, out4, conv_features
 
 
 # -----------------------------------------------------------------------------
-# Landmark -> image cross-attention (table rows "cross-attention" and "feedforward")
+# Landmark -> image cross-attention (POSTER V2's `window` + `WindowAttentionGlobal`) and the
+# feedforward after it (POSTER V2's `feedforward`)
 
 def relative_position_index(w):
     """Swin's index into a (2w-1)^2 table of biases, for every pair of cells of a w x w window:
@@ -306,17 +258,18 @@ def relative_position_index(w):
 
 
 class LandmarkCrossAttention(nn.Module):
-    """POSTER V2's window + WindowAttentionGlobal at one scale, with the window as large as the
-    map, so every landmark cell attends to every image cell. The image map is LayerNorm-ed into
-    tokens, k and v come from one Linear(C, 2C) (POSTER's `qkv`); the query is the landmark map
-    itself, unprojected. A learned bias per relative offset and head is added to the scores.
-    Returns the attention output and the normalised image tokens (the feedforward's shortcut)."""
+    """window + WindowAttentionGlobal at one scale, with the window as large as the map, so every
+    landmark cell attends to every image cell. The image map is LayerNorm-ed into tokens, k and v
+    come from one Linear(C, 2C) (POSTER V2's `qkv`); the query is the landmark map itself,
+    unprojected. A learned bias per relative offset and head is added to the scores. Returns the
+    attention output and the normalised image tokens (the feedforward's shortcut)."""
 
     def __init__(self, dim, heads, window):
         super().__init__()
         self.heads, self.window = heads, window
-        self.norm = nn.LayerNorm(dim)         # POSTER's window{i}.norm
-        self.kv = nn.Linear(dim, 2 * dim)     # POSTER's attn{i}.qkv (it makes only k and v)
+        self.scale = (dim // heads) ** -0.5
+        self.norm = nn.LayerNorm(dim)         # POSTER V2's window{i}.norm
+        self.kv = nn.Linear(dim, 2 * dim)     # POSTER V2's attn{i}.qkv (it makes only k and v)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         # rebuilt from the window size, so not saved (784 x 784 integers at the first scale)
@@ -333,75 +286,50 @@ class LandmarkCrossAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # (N*N, h)
         bias = bias.view(N, N, h).permute(2, 0, 1).to(q.dtype)                # (h, N, N)
         # softmax(q k^T / sqrt(C/h) + bias) v: each landmark cell gathers the image cells it matches
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)           # (B, h, N, C/h)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)  # (B, h, N, C/h)
         return self.proj(y.transpose(1, 2).reshape(B, N, C)), x               # (B, N, C), (B, N, C)
 
 
-class DropPath(nn.Module):
-    """Stochastic depth: in training, drop a sample's residual branch with probability p (and
-    scale the kept ones by 1/(1-p)); the identity in eval mode or when p = 0."""
-
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if self.p == 0 or not self.training:
-            return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
-
-
-class Mlp(nn.Module):
-    """Linear, GELU, Linear (timm's Mlp; names fc1, fc2 as in POSTER V2 and timm)."""
-
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class CrossFeedForward(nn.Module):
-    """POSTER V2's feedforward after a cross-attention: x = shortcut + gamma1 * attn (the shortcut
-    is the LayerNorm-ed image tokens, as in POSTER V2, not the raw ones), then
-    x = x + gamma2 * MLP(LN(x)); layer-scale gammas start at 1e-5, so both branches start near off."""
+    """feedforward: x = shortcut + gamma1 * attn (the shortcut is the LayerNorm-ed image tokens,
+    as in POSTER V2, not the raw ones), then x = x + gamma2 * MLP(LN(x)); the layer-scale gammas
+    start at 1e-5, so both branches start nearly off. Both branches pass through drop path."""
 
     def __init__(self, dim, mlp_ratio, layer_scale, drop_path):
         super().__init__()
-        if layer_scale is None:
-            self.gamma1 = self.gamma2 = None
-        else:
-            self.gamma1 = nn.Parameter(layer_scale * torch.ones(dim))
-            self.gamma2 = nn.Parameter(layer_scale * torch.ones(dim))
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.gamma1, self.gamma2 = [None if layer_scale is None else nn.Parameter(layer_scale * torch.ones(dim))
+                                    for _ in range(2)]
+        self.mlp = mlp(dim, int(dim * mlp_ratio))
         self.norm = nn.LayerNorm(dim)
-        self.drop_path = DropPath(drop_path)
+        self.p = drop_path
 
-    def scale(self, gamma, x):
-        return x if gamma is None else gamma * x
+    def branch(self, gamma, x):
+        """Layer scale, then stochastic depth: in training, drop a sample's branch with probability
+        p and scale the rest by 1/(1-p)."""
+        x = x if gamma is None else gamma * x
+        if self.p == 0 or not self.training:
+            return x
+        return x * x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p) / (1 - self.p)
 
     def forward(self, attn, shortcut):
-        x = shortcut + self.drop_path(self.scale(self.gamma1, attn))              # (B, N, C)
-        return x + self.drop_path(self.scale(self.gamma2, self.mlp(self.norm(x))))  # (B, N, C)
+        x = shortcut + self.branch(self.gamma1, attn)                # (B, N, C)
+        return x + self.branch(self.gamma2, self.mlp(self.norm(x)))  # (B, N, C)
 
 
 # -----------------------------------------------------------------------------
-# One scale of the pyramid (rows "downsample", "cross-attention", "feedforward", "multi-scale embed")
+# One scale of the pyramid: POSTER V2's conv{i}, window{i} + attn{i}, ffn{i}, and the multi-scale
+# embed (embed_q, embed_k, embed_v)
 
 class ScaleFusion(nn.Module):
-    """Scale s (0, 1, 2) of POSTER V2's pyramid: downsample the IR map (3x3/2 conv), let the
-    landmark map attend to it, feedforward, then embed onto the third scale's grid as embed_dim
-    tokens: 2 - s strided 3x3 convs (POSTER's embed_q: two, embed_k: one), or a 1x1 conv for the
-    third scale (POSTER's embed_v). No activation between the embedding convs, as POSTER V2."""
+    """Scale s (0, 1, 2): downsample the IR map (3x3/2 conv), let the landmark map attend to it,
+    feedforward, then embed onto the third scale's grid as embed_dim tokens: 2 - s strided 3x3
+    convs (embed_q: two, embed_k: one), or a 1x1 conv for the third scale (embed_v). No
+    activation between the embedding convs, as POSTER V2."""
 
     def __init__(self, config, s):
         super().__init__()
         dim, E = config.dims[s], config.embed_dim
-        self.downsample = nn.Conv2d(dim, dim, 3, stride=2, padding=1)  # POSTER's conv{s+1}
+        self.downsample = nn.Conv2d(dim, dim, 3, stride=2, padding=1)
         self.attn = LandmarkCrossAttention(dim, config.cross_heads[s], config.grids[s])
         self.ffn = CrossFeedForward(dim, config.mlp_ratio, config.layer_scale, config.drop_path[s])
         if s < 2:
@@ -420,7 +348,8 @@ class ScaleFusion(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# The token mixers over the 147 tokens (table row "the transformer", and its RWKV replacement)
+# The token mixers over the 147 tokens: POSTER V2's VisionTransformer (models/vit_model.py), and
+# its RWKV replacement
 
 def init_vit_(module):
     """POSTER V2's _init_vit_weights, applied to its ViT and head: Linear trunc-normal 0.01, zero
@@ -435,40 +364,10 @@ def init_vit_(module):
             nn.init.zeros_(m.bias)
 
 
-class ViTAttention(nn.Module):
-    """Multi-head self-attention, qkv with bias (timm's Attention)."""
-
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, C/h)
-        y = F.scaled_dot_product_attention(q, k, v)       # (B, h, T, C/h)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
-
-
-class ViTBlock(nn.Module):
-    """POSTER V2's ViT block: pre-LN (eps 1e-6), self-attention, MLP (GELU); no dropout, no drop path."""
-
-    def __init__(self, dim, heads, mlp_ratio):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = ViTAttention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))  # (B, T, C)
-
-
 class PosterViT(nn.Module):
-    """POSTER V2's transformer: prepend a cls token, add a learned position embedding over the
-    148 tokens, the blocks, a final LayerNorm; the cls token is the output."""
+    """VisionTransformer.forward_features: prepend a cls token, add a learned position embedding
+    over the 148 tokens, pre-LN blocks (LayerNorm eps 1e-6, qkv with bias, GELU MLP; no dropout),
+    a final LayerNorm; the cls token is the output."""
 
     def __init__(self, config):
         super().__init__()
@@ -477,7 +376,8 @@ class PosterViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, config.n_tokens + 1, E))
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.blocks = nn.ModuleList([ViTBlock(E, config.n_head, config.mlp_ratio) for _ in range(config.depth)])
+        self.blocks = nn.ModuleList([TransformerBlock(E, config.n_head, int(E * config.mlp_ratio), ln_eps=1e-6)
+                                     for _ in range(config.depth)])
         self.norm = nn.LayerNorm(E, eps=1e-6)
         init_vit_(self)
 
@@ -489,13 +389,10 @@ class PosterViT(nn.Module):
 
 
 class RWKVMixer(nn.Module):
-    """The replacement: the project's RWKV-4 blocks (facerwkv.Block, the class FaceRWKV uses), or
-    its Vision-RWKV blocks (facerwkv.VRWKVBlock), over the 147 tokens in their order (scale 1, 2,
-    3, each in raster order). No cls token and no position embedding: RWKV-4's decay knows the
-    order; Vision-RWKV's Q-Shift runs on each scale's own 7x7 grid (never across scales) and its
-    Bi-WKV over the whole sequence. ln0 normalises the conv embeddings once before block 0 (the
-    reference RWKV-4 LM's ln0, Vision-RWKV's too), ln_out after the last; then the tokens are
-    pooled: "mean" (as Vision-RWKV) or "last" (as the FaceRWKV paper)."""
+    """The replacement: RWKV-4 blocks (facerwkv.Block) or Vision-RWKV blocks (facerwkv.VRWKVBlock,
+    Q-Shift on each scale's own grid) over the 147 tokens (scale 1, 2, 3, each in raster order), no
+    cls token, no position embedding; ln0 before block 0 and ln_out after the last (as RWKV-LM),
+    then pooled: "mean" (as Vision-RWKV) or "last" (as the FaceRWKV paper)."""
 
     def __init__(self, config):
         super().__init__()
@@ -511,99 +408,36 @@ class RWKVMixer(nn.Module):
             self.blocks = nn.ModuleList([VRWKVBlock(rwkv_config, i, grids) for i in range(config.depth)])
         self.ln_out = nn.LayerNorm(config.embed_dim)
 
-    def forward(self, x):
+    def forward(self, x, rnn=False):
+        """(B, T, E) -> (B, E); rnn=True: the same, run as an RNN (facerwkv.run_rnn: one token at a
+        time through all blocks, a fixed-size state per block; RWKV-4 blocks only)."""
         x = self.ln0(x)  # (B, T, E)
-        for block in self.blocks:
-            x = block(x)
-        x = self.ln_out(x)  # (B, T, E)
+        if rnn:
+            x = run_rnn(self.blocks, x)
+        else:
+            for block in self.blocks:
+                x = block(x)
+        x = self.ln_out(x)
         return x[:, -1] if self.pool == "last" else x.mean(dim=1)  # (B, E)
-
-    @torch.no_grad()
-    def forward_rnn(self, x):
-        """Same output as forward, run as an RNN: one token at a time through all blocks, with a
-        fixed-size state per block (RWKV-4 blocks only: Vision-RWKV's see the tokens after them)."""
-        B, T, _ = x.shape
-        states = [block.init_state(B, x.device, x.dtype) for block in self.blocks]
-        pooled = 0
-        for t in range(T):
-            h = self.ln0(x[:, t])  # (B, E)
-            for i, block in enumerate(self.blocks):
-                h, states[i] = block.step(h, states[i])
-            if self.pool == "mean":
-                pooled = pooled + self.ln_out(h)
-        return self.ln_out(h) if self.pool == "last" else pooled / T  # (B, E)
 
 
 # -----------------------------------------------------------------------------
-# Head (table row "head")
+# Head: POSTER V2's SE_block and ClassificationHead (in its VisionTransformer)
 
 class SEBlock(nn.Module):
     """Squeeze-and-excitation on a vector: x * sigmoid(Linear(ReLU(Linear(x))))."""
 
     def __init__(self, dim):
         super().__init__()
-        self.linear1 = nn.Linear(dim, dim)
-        self.relu = nn.ReLU()
-        self.linear2 = nn.Linear(dim, dim)
-        self.sigmoid = nn.Sigmoid()
+        self.linear1, self.relu = nn.Linear(dim, dim), nn.ReLU()
+        self.linear2, self.sigmoid = nn.Linear(dim, dim), nn.Sigmoid()
 
     def forward(self, x):
         return x * self.sigmoid(self.linear2(self.relu(self.linear1(x))))  # (B, E)
 
 
 # -----------------------------------------------------------------------------
-# Weight files: the user's, never fetched
-
-def _load_branch(module, sd, path, what, example):
-    """Copy the tensors of sd into module. Every tensor of the module must be in sd with its
-    shape (num_batches_tracked may be absent: older files lack it, eval never reads it); keys of
-    sd that the module lacks are left out. Returns (tensors loaded, keys of sd left out)."""
-    own = module.state_dict()
-    needed = [k for k in own if not k.endswith("num_batches_tracked")]
-    found = [k for k in needed if k in sd]
-    if not found:
-        raise ValueError(f"{path} has none of the {what} keys: expected keys like {needed[:3]} "
-                         f"({example}), found keys like {list(sd)[:5]}")
-    missing = [k for k in needed if k not in sd]
-    if missing:
-        raise ValueError(f"{path} fills only {len(found)} of the {len(needed)} {what} tensors; missing "
-                         f"{missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all); "
-                         f"found keys like {list(sd)[:5]}; is it the right file ({example}) for this config?")
-    wrong = [f"{k}: {tuple(sd[k].shape) if isinstance(sd[k], torch.Tensor) else type(sd[k]).__name__} "
-             f"(need {tuple(v.shape)})" for k, v in own.items()
-             if k in sd and not (isinstance(sd[k], torch.Tensor) and sd[k].shape == v.shape)]
-    if wrong:
-        raise ValueError(f"{path} has {what} tensors of the wrong shape: {wrong[:5]}"
-                         f"{' ...' if len(wrong) > 5 else ''}; the config's widths (dims, units) must be "
-                         f"POSTER V2's to load {example}")
-    loaded = {k: sd[k] for k in own if k in sd}
-    module.load_state_dict(loaded, strict=False)
-    return len(loaded), [k for k in sd if k not in own]
-
-
-def _unused(keys):
-    return f" ({len(keys)} keys of the file unused, e.g. {keys[:3]})" if keys else ""
-
-
-def ir50_keys_from_arcface(sd):
-    """Rename the keys of a four-stage ArcFace IR file (body.0 ... body.23) to POSTER V2's
-    three-stage names (body1.*, body2.*, body3.*), positionally, as the conversion commented out
-    in POSTER V2's ir50.py. A unit whose shortcut is a 1x1 conv starts a stage, so the stage
-    boundaries are read off the file: for IR-50 units 0-2 -> body1, 3-6 -> body2, 7-20 -> body3
-    (21-23, the fourth stage, are dropped). Other keys (input_layer.*, ...) pass unchanged."""
-    units = {k: re.fullmatch(r"body\.(\d+)\.(.+)", k) for k in sd}
-    units = {k: (int(m[1]), m[2]) for k, m in units.items() if m}                 # key -> (unit, rest of key)
-    starts = [0] + sorted({u for u, rest in units.values() if u > 0 and rest == "shortcut_layer.0.weight"})
-    out = {k: v for k, v in sd.items() if k not in units}
-    for k, (unit, rest) in units.items():
-        stage = sum(unit >= s for s in starts)  # 1, 2, 3, ...
-        if stage <= 3:
-            out[f"body{stage}.{unit - starts[stage - 1]}.{rest}"] = sd[k]
-    return out
-
-
-# -----------------------------------------------------------------------------
-# The full model
+# The full model: POSTER V2's pyramid_trans_expr2
 
 class PosterRWKV(nn.Module):
     """images (B, 3, H, W) -> resize to 112 -> IR-50 maps and landmark maps at three scales ->
@@ -616,7 +450,7 @@ class PosterRWKV(nn.Module):
         E = config.embed_dim
         self.ir_back = IR50(config)
         self.face_landback = MobileFaceNet(config)
-        self.last_face_conv = nn.Conv2d(config.landmark_dim, config.dims[2], 3, padding=1)  # row "last_face_conv"
+        self.last_face_conv = nn.Conv2d(config.landmark_dim, config.dims[2], 3, padding=1)
         self.scales = nn.ModuleList([ScaleFusion(config, s) for s in range(3)])
         self.mixer = PosterViT(config) if config.mixer == "transformer" else RWKVMixer(config)  # (B, 147, E) -> (B, E)
         self.se_block = SEBlock(E)
@@ -654,48 +488,39 @@ class PosterRWKV(nn.Module):
     def load_landmark_weights(self, path):
         """Fill MobileFaceNet from POSTER V2's mobilefacenet_model_best.pth.tar (its ['state_dict']),
         skipping the GDC head's output_layer.* keys, then freeze the branch. Returns the count."""
-        sd = read_state_dict(path)
-        gdc = [k for k in sd if k.startswith("output_layer.")]  # the GDC head, not built
-        n, unused = _load_branch(self.face_landback, {k: v for k, v in sd.items() if k not in gdc}, path,
-                                 "MobileFaceNet", "mobilefacenet_model_best.pth.tar, a dict whose ['state_dict'] "
-                                 "has conv1.conv.weight, ...")
+        n, skipped = load_branch(self.face_landback, path, "MobileFaceNet", ignore=("output_layer.",))
         self.landmark_tensors_loaded = n
         self.freeze_landmarks()
-        print(f"landmark weights: loaded {n} tensors from {path}, skipped the GDC head's {len(gdc)}"
-              f"{_unused(unused)}; the landmark branch is frozen")
+        print(f"landmark weights: loaded {n} tensors from {path}, skipped the GDC head's {skipped}; "
+              f"the landmark branch is frozen")
         return n
 
     def load_ir50_weights(self, path):
         """Fill the IR-50 stages from an ArcFace IR-50 file: POSTER V2's three-stage names
-        (body1.*, body2.*, body3.*) or the usual four-stage ones (body.0 ... body.23). The IR
-        branch keeps training (POSTER V2 fine-tunes it). Returns the count."""
-        sd = read_state_dict(path)
-        if any(k.startswith("body.") for k in sd):
-            sd = ir50_keys_from_arcface(sd)
-        n, unused = _load_branch(self.ir_back, sd, path, "IR-50",
-                                 "ir50.pth, ArcFace IR-50 with input_layer.*, body1.* or body.0.* keys")
-        print(f"IR-50 weights: loaded {n} tensors from {path}{_unused(unused)}")
+        (body1.*, body2.*, body3.*) or the usual four-stage ones (body.0 ... body.23); units of a
+        stage beyond config.ir_units, and the output layer, are skipped. The IR branch keeps
+        training (POSTER V2 fine-tunes it). Returns the count."""
+        built = {".".join(k.split(".")[:2]) + "." for k in self.ir_back.state_dict()}  # "body2.3.", ...
+
+        def unused(sd):  # the output layer, and units of a stage beyond config.ir_units
+            units = {".".join(k.split(".")[:2]) + "." for k in sd}
+            return ("output_layer.",) + tuple(u for u in units if re.fullmatch(r"body[123]\.\d+\.", u) and u not in built)
+        n, skipped = load_branch(self.ir_back, path, "IR-50", ignore=unused, rename=ir50_keys_from_arcface)
+        print(f"IR-50 weights: loaded {n} tensors from {path}"
+              + (f" ({skipped} keys of the file unused: the output layer, deeper units)" if skipped else ""))
         return n
 
     # --- forward
 
-    def _check_images(self, images):
-        S = self.config.img_size
-        if images.ndim != 4 or tuple(images.shape[1:]) != (3, S, S):
-            raise ValueError(f"expected images of shape (B, 3, {S}, {S}) (config.img_size), got "
-                             f"{tuple(images.shape)}; resize the images to {S}x{S} or build the model with "
-                             f"img_size={images.shape[-1]}")
-
     def tokens(self, images):
         """(B, 3, H, W) -> the (B, 147, E) tokens the mixer sees."""
-        self._check_images(images)
-        x = images
+        x, S = images, self.config.img_size
+        check(x.ndim == 4 and tuple(x.shape[1:]) == (3, S, S), f"expected images of shape (B, 3, {S}, {S}) "
+              f"(config.img_size), got {tuple(x.shape)}; resize the images to {S}x{S} or build the model with "
+              f"img_size={x.shape[-1]}")
         if x.shape[-1] != self.config.backbone_size:  # both backbones run at 112, as F.interpolate in POSTER V2
             x = F.interpolate(x, size=self.config.backbone_size)  # nearest, POSTER V2's default
-        if self.config.freeze_landmarks:
-            with torch.no_grad():  # nothing to learn there: skip its graph
-                out3, out4, conv_features = self.face_landback(x)
-        else:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_landmarks):
             out3, out4, conv_features = self.face_landback(x)  # (B, 64, 28, 28), (B, 128, 14, 14), (B, 512, 7, 7)
         landmarks = (out3, out4, self.last_face_conv(conv_features))  # third: (B, 256, 7, 7)
         maps = self.ir_back(x)  # (B, 64, 56, 56), (B, 128, 28, 28), (B, 256, 14, 14)
@@ -710,10 +535,9 @@ class PosterRWKV(nn.Module):
     def forward_rnn(self, images):
         """Same logits as forward with the RWKV mixer run as an RNN over the 147 tokens (the
         convolutional front end runs as in forward). Inference only."""
-        if self.config.mixer != "rwkv":
-            raise ValueError(f"the {self.config.mixer} mixer has no RNN mode (it sees the tokens after each token); "
-                             f"use model(images), or mixer='rwkv' for forward_rnn")
-        return self.head(self.se_block(self.mixer.forward_rnn(self.tokens(images))))
+        check(self.config.mixer == "rwkv", f"the {self.config.mixer} mixer has no RNN mode (it sees the tokens "
+              f"after each token); use model(images), or mixer='rwkv' for forward_rnn")
+        return self.head(self.se_block(self.mixer(self.tokens(images), rnn=True)))
 
     def num_params(self, trainable_only=False):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
@@ -728,6 +552,116 @@ class PosterRWKV(nn.Module):
                                   f"{poster_param_count(self):,}"])
 
 
+# -----------------------------------------------------------------------------
+# Weight files: IR-50 and MobileFaceNet for a new run, and POSTER V2's released checkpoints
+
+def load_branch(module, path, what, ignore=(), rename=None):
+    """THE loader of a pretrained branch: read `path` (facerwkv.read_state_dict: no code runs),
+    optionally rename its keys, and copy it strictly into `module` (facerwkv.load_weights), the
+    key prefixes in `ignore` (a tuple, or a function of the state dict giving one) recognised and
+    skipped. Returns (tensors loaded, keys skipped)."""
+    sd = read_state_dict(path)
+    sd = rename(sd) if rename else sd
+    skipped = load_weights(module, sd, f"{path} ({what})", ignore=ignore(sd) if callable(ignore) else tuple(ignore))
+    return len(sd) - skipped, skipped
+
+
+def ir50_keys_from_arcface(sd):
+    """Rename the keys of a four-stage ArcFace IR file (body.0 ... body.23) to POSTER V2's
+    three-stage names (body1.*, body2.*, body3.*), positionally, as the conversion commented out
+    in POSTER V2's ir50.py. A unit whose shortcut is a 1x1 conv starts a stage, so the stage
+    boundaries are read off the file: for IR-50 units 0-2 -> body1, 3-6 -> body2, 7-20 -> body3
+    (21-23, the fourth stage, are dropped). Other keys (input_layer.*, ...) pass unchanged; a file
+    already in three-stage names passes unchanged."""
+    units = {k: re.fullmatch(r"body\.(\d+)\.(.+)", k) for k in sd}
+    units = {k: (int(m[1]), m[2]) for k, m in units.items() if m}                 # key -> (unit, rest of key)
+    starts = [0] + sorted({u for u, rest in units.values() if u > 0 and rest == "shortcut_layer.0.weight"})
+    out = {k: v for k, v in sd.items() if k not in units}
+    for k, (unit, rest) in units.items():
+        stage = sum(unit >= s for s in starts)  # 1, 2, 3, ...
+        if stage <= 3:
+            out[f"body{stage}.{unit - starts[stage - 1]}.{rest}"] = sd[k]
+    return out
+
+
+# POSTER V2's state-dict names (pyramid_trans_expr2, models/PosterV2_7cls.py and _8cls.py) -> this
+# model's. Longest prefix first; the key's rest is kept.
+POSTERV2_NAMES = {"VIT.cls_token": "mixer.cls_token", "VIT.pos_embed": "mixer.pos_embed",
+                  "VIT.blocks.": "mixer.blocks.", "VIT.norm.": "mixer.norm.", "VIT.se_block.": "se_block.",
+                  "VIT.head.linear.": "head.", "ir_back.": "ir_back.", "face_landback.": "face_landback.",
+                  "last_face_conv.": "last_face_conv.", "embed_q.": "scales.0.embed.", "embed_k.": "scales.1.embed.",
+                  "embed_v.proj.": "scales.2.embed.0.",
+                  **{k: v for s in range(3) for k, v in {
+                      f"conv{s + 1}.": f"scales.{s}.downsample.", f"window{s + 1}.norm.": f"scales.{s}.attn.norm.",
+                      f"attn{s + 1}.qkv.": f"scales.{s}.attn.kv.", f"attn{s + 1}.proj.": f"scales.{s}.attn.proj.",
+                      f"attn{s + 1}.relative_position_bias_table": f"scales.{s}.attn.relative_position_bias_table",
+                      f"ffn{s + 1}.": f"scales.{s}.ffn."}.items()}}
+# what POSTER V2 saves but never runs: IR-50's and MobileFaceNet's output layers (MobileFaceNet's
+# GDC head runs, its landmarks are discarded), the VisionTransformer's unused patch_embed, eca_block,
+# CON1, IRLinear1/2 and the Conv1d in each block, and the relative-position index (rebuilt here)
+POSTERV2_UNUSED = re.compile(r"(ir_back|face_landback)\.output_layer\.|VIT\.(patch_embed|eca_block|CON1|IRLinear[12])\."
+                             r"|VIT\.blocks\.\d+\.conv\.|attn[123]\.relative_position_index$")
+
+
+def posterv2_state_dict(path):
+    """A checkpoint released by POSTER V2 (its DataParallel 'state_dict', with 'epoch', 'best_acc',
+    'optimizer', 'recorder', ...) read without running any of it -> (n_classes, state dict in the
+    names of the poster-v2 preset, number of saved tensors skipped as unused). A key neither mapped
+    nor known-unused, a missing key or a shape that does not fit is a ValueError naming the keys."""
+    sd = read_state_dict(path)
+    unknown, out, skipped = [], {}, 0
+    for k, v in sd.items():
+        prefix = max((p for p in POSTERV2_NAMES if k.startswith(p)), key=len, default=None)
+        if POSTERV2_UNUSED.match(k):
+            skipped += 1
+        elif prefix is None:
+            unknown.append(k)
+        else:
+            out[POSTERV2_NAMES[prefix] + k[len(prefix):]] = v
+    check(not unknown, f"{path}: keys that are not POSTER V2's: {unknown[:5]} ({len(unknown)} in all); is it a POSTER V2 checkpoint "
+          "(models/PosterV2_7cls.py or _8cls.py)?")
+    check("head.weight" in out, f"{path}: no classifier (VIT.head.linear.weight); is it a POSTER V2 checkpoint?")
+    n_classes = out["head.weight"].shape[0]
+    with torch.device("meta"):  # poster-v2's keys and shapes, without allocating its 43 M parameters
+        need = PosterRWKV(PosterConfig.preset("poster-v2", n_classes=n_classes))
+    with warnings.catch_warnings():  # copying into meta tensors does nothing: only load_weights' checks run
+        warnings.simplefilter("ignore")
+        load_weights(need, out, f"{path} (POSTER V2 checkpoint, renamed)")
+    out.update({k: torch.zeros((), dtype=torch.long) for k in need.state_dict()  # absent from older files
+                if k.endswith("num_batches_tracked") and k not in out})
+    return n_classes, out, skipped
+
+
+# The class of each output of POSTER V2's classifier, per dataset: main.py and main_8.py read every
+# dataset with torchvision's ImageFolder, which numbers the class folders in sorted order.
+POSTERV2_CLASS_ORDER = {
+    # the RAF-DB copy POSTER V2 trained on has folders 1..7: RAF-DB's own labels 1..7
+    "rafdb": ("Surprise", "Fear", "Disgust", "Happy", "Sad", "Anger", "Neutral"),
+    # AffectNet's ImageFolder copies have folders 0..6 (0..7 with Contempt): AffectNet's expression numbers
+    "affectnet": ("Neutral", "Happy", "Sad", "Surprise", "Fear", "Disgust", "Anger", "Contempt"),
+    # CAER-S's folders are named by emotion; sorted, they are alphabetical
+    "caer": ("Anger", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise"),
+}
+
+
+def posterv2_class_map(dataset, classes, n_classes=7):
+    """For a POSTER V2 checkpoint trained on `dataset` ("rafdb", "affectnet", "caer"), the list
+    whose entry i is the index in `classes` (the caller's class names, in its order; "Contempt"
+    appended when it lacks one) of the checkpoint's output i."""
+    check(dataset in POSTERV2_CLASS_ORDER, f"POSTER V2 released checkpoints for {tuple(POSTERV2_CLASS_ORDER)}; "
+          f"got {dataset!r}")
+    check(n_classes == 7 or (n_classes == 8 and dataset == "affectnet"), f"a POSTER V2 {dataset} checkpoint has 7 "
+          f"classes (8 only for AffectNet-8); got {n_classes}")
+    names = POSTERV2_CLASS_ORDER[dataset][:n_classes]
+    classes = tuple(classes) + (() if "Contempt" in classes else ("Contempt",))
+    check(set(names) <= set(classes), f"the classes {tuple(classes)} lack POSTER V2's "
+          f"{sorted(set(names) - set(classes))}; name the classes as {names}")
+    return [classes.index(name) for name in names]
+
+
+# -----------------------------------------------------------------------------
+# POSTER V2's way of counting parameters (thop.profile, its compute_param_flop)
+
 def gdc_head_params(config):
     """Parameters of MobileFaceNet's GDC head, which POSTER V2 runs on conv_features and then
     discards: depthwise 7x7 conv + BN (landmark_dim channels), Linear landmark_dim -> 136 (no
@@ -737,15 +671,11 @@ def gdc_head_params(config):
 
 
 def poster_param_count(model, images=None, gdc_head=True):
-    """Parameters counted as POSTER V2 counts them (thop.profile): the parameters of the leaf
-    modules that run in one forward pass. Raw nn.Parameters held by composite modules (cls token,
-    position embedding, relative-position tables, layer-scale gammas, RWKV's time_* vectors) are
-    not counted, nor are modules that never run. The frozen landmark branch is counted.
-    POSTER V2 also runs MobileFaceNet's GDC head (and throws its output away), so thop counts it;
-    with gdc_head=True its gdc_head_params are added, which makes poster-v2 count exactly what
-    thop counts on the original code: 43,724,311, the published 43.7 M. gdc_head=False counts
-    this implementation alone (43,628,295). One forward in eval mode on `images` (default: zeros
-    at config.img_size); the model's train/eval mode is restored."""
+    """Parameters counted as POSTER V2 counts them (thop.profile): those of the leaf modules that run
+    in one forward pass (eval mode, restored after), so not the raw nn.Parameters of composite
+    modules (cls token, position embedding, rel.-pos. tables, gammas, RWKV's time_* vectors).
+    gdc_head=True adds the GDC head POSTER V2 runs and discards: poster-v2 then counts 43,724,311,
+    thop's count on the original code, the published 43.7 M (43,628,295 without)."""
     ran = set()
     hooks = [m.register_forward_hook(lambda m, args, out: ran.add(m))
              for m in model.modules() if next(m.children(), None) is None]
