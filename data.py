@@ -3,8 +3,6 @@ Data for FaceRWKV: the facial-expression datasets users hold, plus a built-in sy
 
 Everything goes through one call, `load_datasets(...) -> Splits`, whose .train/.val/.test are torch
 Datasets yielding (image float tensor (3, H, W), int label). Supported formats:
-  - "synthetic": procedurally drawn faces (the default when root is None); needs no files.
-                 Drawn up front, they are kept in a disk cache for the next run.
   - "caer":      CAER-S, ROOT/{train,test}/{Anger,Disgust,Fear,Happy,Neutral,Sad,Surprise}/*.png
                  (the paper's data; `Angry` and other common spellings are accepted).
   - "folder":    any ImageFolder-style tree: ROOT/<class>/* or ROOT/{train,[val],test}/<class>/*;
@@ -16,6 +14,7 @@ Datasets yielding (image float tensor (3, H, W), int label). Supported formats:
                  images under Manually_Annotated_Images/ (or ROOT/); or, given explicitly, the
                  numbered ImageFolder copies ROOT/[{train,[val],test}/]{0..7}/* in AffectNet's
                  numbering. 7 classes (CLASSES) or 8 (+ Contempt); None/Uncertain/No-Face dropped.
+  - "synthetic": procedurally drawn faces (the default when root is None); needs no files.
 For the basic emotions the class order is always CLASSES (CAER-S order), whatever order the
 source format uses, so a label means the same emotion for every dataset.
 
@@ -26,20 +25,18 @@ Bad data never crashes with a traceback and is never mislabelled silently: each 
 DataError with a message naming the file/line and the fix, or, with skip_bad_images=True, bad
 images and rows are skipped and counted in the summary.
 
-Augmentation (training split only, off by default): a left-right flip and random erasing, both
-drawing from torch's RNG, which the training loop's DataLoader seeds per worker and epoch.
+Images are decoded and resized one by one; a batch is then normalised, flipped and randomly erased
+as a whole (training split only; flips and erasing are off by default), drawing from torch's RNG
+exactly as image-by-image augmentation would, so a resumed run replays the same batches.
 """
 
 import collections
-import contextlib
 import csv
-import functools
 import hashlib
 import itertools
 import math
 import multiprocessing
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -48,21 +45,18 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFile, UnidentifiedImageError
 
+import facerwkv
+
 # -----------------------------------------------------------------------------
 # Classes, label tables and formats
 
 CLASSES = ("Anger", "Disgust", "Fear", "Happy", "Neutral", "Sad", "Surprise")  # CAER-S order
 
 # spellings of the basic emotions found in the wild (folder names, label tables), lower case
-CLASS_ALIASES = {
-    "anger": "Anger", "angry": "Anger",
-    "disgust": "Disgust", "disgusted": "Disgust",
-    "fear": "Fear", "fearful": "Fear", "afraid": "Fear",
-    "happy": "Happy", "happiness": "Happy", "joy": "Happy",
-    "neutral": "Neutral", "calm": "Neutral",
-    "sad": "Sad", "sadness": "Sad",
-    "surprise": "Surprise", "surprised": "Surprise",
-}
+CLASS_ALIASES = {"anger": "Anger", "angry": "Anger", "disgust": "Disgust", "disgusted": "Disgust",
+                 "fear": "Fear", "fearful": "Fear", "afraid": "Fear", "happy": "Happy", "happiness": "Happy",
+                 "joy": "Happy", "neutral": "Neutral", "calm": "Neutral", "sad": "Sad", "sadness": "Sad",
+                 "surprise": "Surprise", "surprised": "Surprise"}
 RAFDB_LABELS = ("Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral")  # 1..7
 FER2013_LABELS = ("Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral")  # 0..6
 FER2013_USAGE = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
@@ -78,6 +72,7 @@ DEFAULT_IMG_SIZE = (400, 600)  # (H, W), the paper's
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+SPLITS = ("train", "val", "test")
 TEST_FRACTION = 0.2  # a flat folder tree (no train/ test/) keeps this stratified share for test
 
 
@@ -93,8 +88,7 @@ def affectnet_class_names(n):
 
 
 # -----------------------------------------------------------------------------
-# Image transforms: any PIL mode -> RGB, resize, [0,1] float tensor, optional flip, normalisation
-# and random erasing
+# Images: any PIL mode -> RGB, resized uint8 pixels; a batch -> normalised, flipped, erased floats
 
 def _grey_from_array(a, mode):
     """Scale a high-bit-depth or float grey array to 8 bit. I;16 is 16-bit data (0..65535);
@@ -143,14 +137,22 @@ def _check_img_size(img_size):
     return int(img_size[0]), int(img_size[1])
 
 
-def random_erase(x, p, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0.0):
+def check_erasing(random_erasing, erasing_scale):
+    """The one check of the random-erasing settings (the library's arguments and train.py's flags)."""
+    if not 0.0 <= random_erasing <= 1.0:
+        raise DataError(f"random_erasing (--random-erasing) is a probability in [0, 1], got {random_erasing}")
+    if not (len(erasing_scale) == 2 and 0.0 < erasing_scale[0] <= erasing_scale[1] < 1.0):
+        raise DataError(f"erasing_scale (--erasing-scale LO HI) must have 0 < LO <= HI < 1, got {tuple(erasing_scale)}")
+    return float(random_erasing), tuple(float(v) for v in erasing_scale)
+
+
+def erasing_box(H, W, p, scale=(0.02, 0.33), ratio=(0.3, 3.3)):
     """Random erasing (Zhong et al. 2020) with torchvision's RandomErasing semantics, drawing from
-    torch's RNG in the same order: with probability p, one rectangle of x (C, H, W) is set to
-    `value`. Its area is a uniform fraction `scale` of H*W, its aspect h/w log-uniform in `ratio`;
-    up to 10 tries for a rectangle that fits, else x is left as it is. p = 0 draws nothing."""
+    torch's RNG in the same order: with probability p, a rectangle of H x W -> (top, left, h, w),
+    else None. Its area is a uniform fraction `scale` of H*W, its aspect h/w log-uniform in
+    `ratio`; up to 10 tries for a rectangle that fits, else None. p = 0 draws nothing."""
     if p <= 0 or not torch.rand(1) < p:
-        return x
-    H, W = x.shape[-2:]
+        return None
     log_ratio = torch.log(torch.tensor(ratio))
     for _ in range(10):
         area = H * W * torch.empty(1).uniform_(scale[0], scale[1]).item()
@@ -159,44 +161,68 @@ def random_erase(x, p, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0.0):
         if h < H and w < W:
             top = torch.randint(0, H - h + 1, size=(1,)).item()
             left = torch.randint(0, W - w + 1, size=(1,)).item()
-            x = x.clone()
-            x[..., top:top + h, left:left + w] = value
-            return x
+            return top, left, h, w
+    return None
+
+
+def random_erase(x, p, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0.0):
+    """x (C, H, W) with one erasing_box set to `value` (a copy), or x itself."""
+    box = erasing_box(*x.shape[-2:], p, scale, ratio)
+    if box is None:
+        return x
+    top, left, h, w = box
+    x = x.clone()
+    x[..., top:top + h, left:left + w] = value
     return x
 
 
 class ImageTransform:
-    """PIL image -> float tensor (3, H, W): RGB, resized to img_size, in [0,1] (or ImageNet-
-    normalised); for training, randomly flipped left-right when hflip and randomly erased with
-    probability random_erasing (a rectangle of erasing_scale times the image's area, on the
-    normalised image, value 0, as POSTER V2 does). The randomness is torch's RNG: seeded per
-    DataLoader worker, so a resumed run replays it."""
+    """PIL image -> uint8 pixels (3, H, W): RGB, resized to img_size (pixels, per image); then a
+    batch of them -> float (B, 3, H, W) in [0,1] (or ImageNet-normalised), for training randomly
+    flipped left-right when hflip and randomly erased with probability random_erasing (a rectangle
+    of erasing_scale times the image's area, on the normalised image, value 0, as POSTER V2 does).
+    The batch draws torch's RNG image by image in the order one image at a time would (flip, then
+    erasing), so batches do not depend on how they are cut; the DataLoader seeds it per worker and
+    epoch, so a resumed run replays it. Calling it on one image is the batch of one."""
 
     def __init__(self, img_size=DEFAULT_IMG_SIZE, hflip=False, normalize=False, random_erasing=0.0,
                  erasing_scale=(0.02, 0.33)):
         self.img_size = _check_img_size(img_size)
         self.hflip = hflip
-        self.normalize = normalize
-        if not 0.0 <= random_erasing <= 1.0:
-            raise DataError(f"random_erasing is a probability in [0, 1], got {random_erasing}")
-        if not (len(erasing_scale) == 2 and 0.0 < erasing_scale[0] <= erasing_scale[1] < 1.0):
-            raise DataError(f"erasing_scale must be (lo, hi) with 0 < lo <= hi < 1, got {erasing_scale}")
-        self.random_erasing, self.erasing_scale = random_erasing, tuple(erasing_scale)
+        self.random_erasing, self.erasing_scale = check_erasing(random_erasing, erasing_scale)
         # pixel p in 0..255 -> p * scale - shift: p / 255 in [0, 1], or (p / 255 - mean) / std
         std, mean = torch.tensor(IMAGENET_STD).view(3, 1, 1), torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self.scale = 1 / (255 * std) if normalize else torch.full((3, 1, 1), 1 / 255)
         self.shift = mean / std if normalize else torch.zeros(3, 1, 1)
 
-    def __call__(self, img):
-        img = to_rgb(img)
+    def pixels(self, img):
+        """PIL image (or uint8 RGB array already at img_size) -> uint8 array (H, W, 3)."""
         H, W = self.img_size
-        if img.size != (W, H):
-            img = img.resize((W, H), Image.BILINEAR)
-        x = torch.from_numpy(np.array(img)).permute(2, 0, 1).float()  # (3, H, W) in 0..255
+        if isinstance(img, np.ndarray) and img.shape == (H, W, 3) and img.dtype == np.uint8:
+            return img
+        img = to_rgb(img)
+        return np.asarray(img if img.size == (W, H) else img.resize((W, H), Image.BILINEAR))
+
+    def batch(self, pixels):
+        """uint8 (B, H, W, 3) -> float (B, 3, H, W)."""
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
         x = x.mul_(self.scale).sub_(self.shift)
-        if self.hflip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return random_erase(x, self.random_erasing, self.erasing_scale)
+        H, W = self.img_size
+        flips, boxes = [], []
+        for k in range(len(x)):
+            if self.hflip and torch.rand(()) < 0.5:
+                flips.append(k)
+            box = erasing_box(H, W, self.random_erasing, self.erasing_scale)
+            if box is not None:
+                boxes.append((k,) + box)
+        if flips:
+            x[flips] = x[flips].flip(-1)
+        for k, top, left, h, w in boxes:
+            x[k, :, top:top + h, left:left + w] = 0.0
+        return x
+
+    def __call__(self, img):
+        return self.batch(np.stack([self.pixels(img)]))[0]  # (3, H, W)
 
 
 def _open_image(path, missing=None, fix="delete it or pass --skip-bad-images"):
@@ -225,37 +251,23 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never s
 # -----------------------------------------------------------------------------
 # Sources: index -> (PIL image, label); datasets: source + indices + transform -> (tensor, label)
 
-class FileSource:
-    """Image files on disk: items is a list of (path, label). boxes, if given, holds per item the
-    face box (left, top, right, bottom) to crop each image to (AffectNet's csv with crop_face)."""
+class ImageSource:
+    """The images of one split, index -> (PIL image, label): files on disk (paths), or in-memory
+    grey images (N, h, w) uint8 (FER2013's 48x48 pixels) with a name for each. boxes, if given,
+    holds per file the face box (left, top, right, bottom) to crop it to (AffectNet's csv)."""
 
-    def __init__(self, items, boxes=None):
-        self.paths = [p for p, _ in items]
-        self.labels = [int(y) for _, y in items]
-        self.boxes = boxes
+    def __init__(self, labels, paths=None, images=None, names=None, boxes=None):
+        self.labels, self.paths, self.images, self.boxes = [int(y) for y in labels], paths, images, boxes
+        self.names = names or paths
 
     def __len__(self):
         return len(self.labels)
 
     def load(self, i):
+        if self.images is not None:
+            return Image.fromarray(self.images[i])
         img = _open_image(self.paths[i])
         return img.crop(self.boxes[i]) if self.boxes is not None else img
-
-    def name(self, i):
-        return self.paths[i]
-
-
-class ArraySource:
-    """In-memory grey images (N, h, w) uint8, e.g. FER2013's 48x48 pixels."""
-
-    def __init__(self, images, labels, names):
-        self.images, self.labels, self.names = images, [int(y) for y in labels], names
-
-    def __len__(self):
-        return len(self.labels)
-
-    def load(self, i):
-        return Image.fromarray(self.images[i])
 
     def name(self, i):
         return self.names[i]
@@ -264,7 +276,8 @@ class ArraySource:
 class FaceDataset(torch.utils.data.Dataset):
     """(tensor (3, H, W), label) for the given indices of a source. With skip_bad_images an
     unreadable item (e.g. a file deleted mid-epoch) is replaced by the next readable one, warned
-    about and counted in .runtime_skipped; otherwise it raises DataError naming the file."""
+    about and counted in .runtime_skipped; otherwise it raises DataError naming the file.
+    A DataLoader fetches a batch through __getitems__: one transform of the whole batch."""
 
     def __init__(self, source, indices, transform, skip_bad_images=False):
         self.source = source
@@ -281,14 +294,15 @@ class FaceDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.indices)
 
-    def __getitem__(self, k):
+    def _pixels(self, k):
+        """Item k -> (uint8 pixels (H, W, 3), label)."""
         if not -len(self.indices) <= k < len(self.indices):
             raise IndexError(f"index {k} out of range for a split of {len(self.indices)} images")
         k %= len(self.indices)
         for attempt in range(len(self.indices)):
             i = self.indices[(k + attempt) % len(self.indices)]
             try:
-                return self.transform(self.source.load(i)), self.source.labels[i]
+                return self.transform.pixels(self.source.load(i)), self.source.labels[i]
             except DataError as e:
                 if not self.skip_bad_images:
                     raise
@@ -298,31 +312,34 @@ class FaceDataset(torch.utils.data.Dataset):
                     warnings.warn(f"skipping unreadable image: {e}")
         raise DataError("every image of this split is unreadable")
 
+    def __getitems__(self, ks):
+        """Items ks -> [(image, label)]: pixels per image, then one batch transform."""
+        pixels, labels = zip(*(self._pixels(k) for k in ks))
+        return list(zip(self.transform.batch(np.stack(pixels)), labels))
+
+    def __getitem__(self, k):
+        return self.__getitems__([k])[0]
+
 
 # -----------------------------------------------------------------------------
 # Indexing datasets on disk: each format -> (classes, {split: items or source})
 
-def _is_image_name(name):
-    return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
+_SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                "test": "test", "testing": "test"}  # split folder names (any case) -> split
 
 
 def _visible_dirs(path):
-    return sorted(d for d in os.listdir(path)
-                  if not d.startswith((".", "__")) and os.path.isdir(os.path.join(path, d)))
+    return sorted(d for d in os.listdir(path) if not d.startswith((".", "__")) and os.path.isdir(os.path.join(path, d)))
 
 
-def _probe(path):
-    """Cheap check at index time: PIL can identify the file (reads only the header).
-    -> ((width, height), None), or (None, what is wrong)."""
-    try:
-        with Image.open(path) as im:
-            return im.size, None
-    except FileNotFoundError:
-        return None, "file not found"
-    except Image.DecompressionBombError as e:
-        return None, f"image too large ({e})"
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        return None, f"not a readable image ({e})"
+def _canonical_class(name):
+    return CLASS_ALIASES.get(name.lower())
+
+
+def _split_dirs(root):
+    """{split: path} for a tree with train/ (val/) test/ subfolders (any case), else {}."""
+    found = {_SPLIT_NAMES[d.lower()]: os.path.join(root, d) for d in _visible_dirs(root) if d.lower() in _SPLIT_NAMES}
+    return found if "train" in found else {}
 
 
 class IndexingLog:
@@ -340,52 +357,41 @@ class IndexingLog:
             raise DataError(f"{name}: {reason}. {hint}")
         self.skipped.append((name, reason))
 
+    def image(self, path, hint="Restore the file, or pass --skip-bad-images", where=None):
+        """Cheap check at index time that PIL can identify an image file (it reads only the header)
+        -> its (width, height), else None, the problem recorded (or raised), named `where` if given."""
+        try:
+            with Image.open(path) as im:
+                return im.size
+        except FileNotFoundError:
+            problem = "file not found"
+        except Image.DecompressionBombError as e:
+            problem = f"image too large ({e})"
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            problem = f"not a readable image ({e})"
+        self.bad(where or path, f"{problem}: {path}" if where else problem, hint)
+        return None
 
-def _scan_class_dir(path, report):
-    """Readable image files under one class folder (recursively, sorted, hidden entries ignored)."""
+
+def _scan_class_dir(path, report, split="train", must_have=True):
+    """Readable image files under one class folder (recursively, sorted, hidden entries ignored);
+    none at all is an error in a training (or not yet split) folder."""
     files = []
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__")))
-        for f in sorted(filenames):
-            if f.startswith("."):  # hidden: .DS_Store, macOS ._ resource forks
-                continue
-            if not _is_image_name(f):
+        for f in sorted(f for f in filenames if not f.startswith(".")):  # .DS_Store, macOS ._ forks
+            if not f.lower().endswith(IMG_EXTENSIONS):
                 report.ignored += 1
-                continue
-            p = os.path.join(dirpath, f)
-            problem = _probe(p)[1]
-            if problem:
-                report.bad(p, problem, "Delete the file or pass --skip-bad-images to skip it")
-            else:
-                files.append(p)
+            elif report.image(os.path.join(dirpath, f), "Delete the file or pass --skip-bad-images to skip it"):
+                files.append(os.path.join(dirpath, f))
+    if not files and must_have and split in ("train", "all"):
+        raise DataError(f"class folder {path} has no readable images")
     return files
-
-
-def _canonical_class(name):
-    return CLASS_ALIASES.get(name.lower())
-
-
-def _looks_like_caer(split_dir):
-    """A split folder whose class folders are mostly the basic-emotion names."""
-    names = _visible_dirs(split_dir)
-    return sum(_canonical_class(n) is not None for n in names) >= 4
-
-
-def _split_dirs(root):
-    """{split: path} for a tree with train/ (val/) test/ subfolders (any case), else {}."""
-    found = {}
-    for d in _visible_dirs(root):
-        key = {"train": "train", "training": "train", "val": "val", "valid": "val",
-               "validation": "val", "test": "test", "testing": "test"}.get(d.lower())
-        if key:
-            found[key] = os.path.join(root, d)
-    return found if "train" in found else {}
 
 
 def _index_caer(root, report):
     """CAER-S: ROOT/train and ROOT/test, each with the 7 emotion folders -> items per split."""
-    dirs = _split_dirs(root)
-    expected = ", ".join(CLASSES)
+    dirs, expected = _split_dirs(root), ", ".join(CLASSES)
     for split in ("train", "test"):
         if split not in dirs:
             raise DataError(f"CAER-S layout needs {os.path.join(root, split)}/ with the class folders "
@@ -405,12 +411,7 @@ def _index_caer(root, report):
         missing = [c for c in CLASSES if c not in folders]
         if missing:
             raise DataError(f"{sdir} lacks class folders {', '.join(missing)} (CAER-S has {expected})")
-        items[split] = []
-        for c in CLASSES:
-            files = _scan_class_dir(folders[c], report)
-            if not files:
-                raise DataError(f"class folder {folders[c]} has no readable images")
-            items[split] += [(p, CLASSES.index(c)) for p in files]
+        items[split] = [(p, y) for y, c in enumerate(CLASSES) for p in _scan_class_dir(folders[c], report)]
     return CLASSES, items
 
 
@@ -426,9 +427,9 @@ def _index_folder(root, report):
         raise DataError(f"no class folders in {base}: expected {base}/<class name>/<images>, "
                         f"optionally under train/ and test/ (and val/)")
     if "train" in dirs and "test" not in dirs:
-        numbered = all(c.isdigit() for c in classes)
         raise DataError(f"{root} has train/ but no test/: add a test/ folder (or rename val/ to test/; "
-                        f"validation is then carved out of train)" + (_AFFECTNET_HINT if numbered else ""))
+                        f"validation is then carved out of train)"
+                        + (_AFFECTNET_HINT if all(c.isdigit() for c in classes) else ""))
     items = {}
     for split, sdir in dirs.items():
         names = _visible_dirs(sdir)
@@ -436,14 +437,8 @@ def _index_folder(root, report):
         if unknown:
             raise DataError(f"class folders {unknown} in {sdir} are not in {base} (classes: {list(classes)}); "
                             f"every split must use the same class folders")
-        items[split] = []
-        for y, c in enumerate(classes):
-            if c not in names:
-                continue
-            files = _scan_class_dir(os.path.join(sdir, c), report)
-            if not files and split in ("train", "all"):
-                raise DataError(f"class folder {os.path.join(sdir, c)} has no readable images")
-            items[split] += [(p, y) for p in files]
+        items[split] = [(p, y) for y, c in enumerate(classes) if c in names
+                        for p in _scan_class_dir(os.path.join(sdir, c), report, split)]
     return classes, items
 
 
@@ -460,71 +455,61 @@ def _index_rafdb(root, report):
     items = {"train": [], "test": []}
     with open(label_file, encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
-            parts = line.split()
+            parts, where = line.split(), f"{label_file} line {lineno}"
             if not parts:
                 continue
-            where = f"{label_file} line {lineno}"
-            split = parts[0].split("_")[0]
-            if len(parts) != 2 or not parts[1].isdigit() or split not in items:
+            if len(parts) != 2 or not parts[1].isdigit() or parts[0].split("_")[0] not in items:
                 report.bad(where, f"malformed line {line.strip()!r}",
                            "Each line must be `train_00001.jpg 5` or `test_0001.jpg 5`")
-                continue
-            label = int(parts[1])
-            if not 1 <= label <= 7:
-                report.bad(where, f"label {label} out of range 1..7", "Fix the label")
-                continue
-            stem = os.path.splitext(parts[0])[0]
-            path = os.path.join(img_dir, f"{stem}_aligned.jpg")
-            problem = _probe(path)[1]
-            if problem:
-                report.bad(path, problem, "Restore the file, or pass --skip-bad-images")
-                continue
-            items[split].append((path, to_ours[label - 1]))
+            elif not 1 <= int(parts[1]) <= 7:
+                report.bad(where, f"label {int(parts[1])} out of range 1..7", "Fix the label")
+            else:
+                path = os.path.join(img_dir, f"{os.path.splitext(parts[0])[0]}_aligned.jpg")
+                if report.image(path):
+                    items[parts[0].split("_")[0]].append((path, to_ours[int(parts[1]) - 1]))
     for split in items:
         if not items[split]:
             raise DataError(f"{label_file} lists no usable {split} images")
     return CLASSES, items
 
 
+def _csv_rows(path):
+    """A csv file's rows as (line number, [cells]), blank lines left out; Excel's byte-order mark
+    and CRLF line ends are accepted."""
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        reader = csv.reader(f)
+        yield from ((reader.line_num, row) for row in reader if row)
+
+
 def _index_fer2013(csv_path, report):
-    """FER2013: rows (emotion 0..6, 2304 grey values, Usage) -> uint8 arrays per split."""
+    """FER2013: rows (emotion 0..6, 2304 grey values, Usage) -> in-memory images per split."""
     to_ours = [CLASSES.index(_canonical_class(n)) for n in FER2013_LABELS]
     rows = {"train": [], "val": [], "test": []}
-    with open(csv_path, newline="", encoding="utf-8", errors="replace") as f:
-        reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]
-        if not {"emotion", "pixels", "Usage"} <= set(header):
-            raise DataError(f"{csv_path}: header must contain emotion,pixels,Usage (found {header})")
-        ie, ip, iu = header.index("emotion"), header.index("pixels"), header.index("Usage")
-        for row in reader:
-            lineno = reader.line_num
-            if not row:
-                continue
-            where = f"{csv_path} line {lineno}"
-            try:
-                emotion = int(row[ie])
-                pixels = np.array(row[ip].split(), dtype=np.int64)
-                usage = row[iu].strip()
-            except (IndexError, ValueError) as e:
-                report.bad(where, f"malformed row ({e})", "Fix or delete the row")
-                continue
-            if not 0 <= emotion <= 6:
-                report.bad(where, f"emotion {emotion} out of range 0..6", "Fix the label")
-            elif pixels.size != 48 * 48 or pixels.min() < 0 or pixels.max() > 255:
-                report.bad(where, f"pixels must be 2304 values in 0..255 (got {pixels.size})", "Fix the row")
-            elif usage not in FER2013_USAGE:
-                report.bad(where, f"unknown Usage {usage!r} (expected {list(FER2013_USAGE)})", "Fix the row")
-            else:
-                rows[FER2013_USAGE[usage]].append((pixels.astype(np.uint8).reshape(48, 48), to_ours[emotion], lineno))
-    sources = {}
-    for split, r in rows.items():
-        if not r and split != "val":
-            raise DataError(f"{csv_path} has no usable rows for {split} "
-                            f"(Usage {[k for k, v in FER2013_USAGE.items() if v == split][0]})")
-        if r:
-            images = np.stack([x for x, _, _ in r])
-            sources[split] = ArraySource(images, [y for _, y, _ in r], [f"{csv_path} line {n}" for _, _, n in r])
-    return CLASSES, sources
+    lines = _csv_rows(csv_path)
+    header = [h.strip() for h in next(lines, (1, []))[1]]
+    if not {"emotion", "pixels", "Usage"} <= set(header):
+        raise DataError(f"{csv_path}: header must contain emotion,pixels,Usage (found {header})")
+    ie, ip, iu = header.index("emotion"), header.index("pixels"), header.index("Usage")
+    for lineno, row in lines:
+        where = f"{csv_path} line {lineno}"
+        try:
+            emotion, pixels, usage = int(row[ie]), np.array(row[ip].split(), dtype=np.int64), row[iu].strip()
+        except (IndexError, ValueError) as e:
+            report.bad(where, f"malformed row ({e})", "Fix or delete the row")
+            continue
+        if not 0 <= emotion <= 6:
+            report.bad(where, f"emotion {emotion} out of range 0..6", "Fix the label")
+        elif pixels.size != 48 * 48 or pixels.min() < 0 or pixels.max() > 255:
+            report.bad(where, f"pixels must be 2304 values in 0..255 (got {pixels.size})", "Fix the row")
+        elif usage not in FER2013_USAGE:
+            report.bad(where, f"unknown Usage {usage!r} (expected {list(FER2013_USAGE)})", "Fix the row")
+        else:
+            rows[FER2013_USAGE[usage]].append((pixels.astype(np.uint8).reshape(48, 48), to_ours[emotion], where))
+    for split, usage in zip(rows, FER2013_USAGE):
+        if not rows[split] and split != "val":
+            raise DataError(f"{csv_path} has no usable rows for {split} (Usage {usage})")
+    return CLASSES, {split: ImageSource([y for _, y, _ in r], images=np.stack([x for x, _, _ in r]),
+                                        names=[n for _, _, n in r]) for split, r in rows.items() if r}
 
 
 def _affectnet_to_ours(n_classes):
@@ -534,9 +519,10 @@ def _affectnet_to_ours(n_classes):
 
 
 def _affectnet_csv_dir(root):
-    """Where training.csv and validation.csv are: ROOT, or the official Manually_Annotated_file_lists/."""
+    """Where training.csv and validation.csv are (either of them marks the folder): ROOT, or the
+    official Manually_Annotated_file_lists/."""
     for d in (root, os.path.join(root, "Manually_Annotated_file_lists")):
-        if all(os.path.isfile(os.path.join(d, name)) for name in AFFECTNET_CSVS.values()):
+        if any(os.path.isfile(os.path.join(d, name)) for name in AFFECTNET_CSVS.values()):
             return d
     return None
 
@@ -544,62 +530,58 @@ def _affectnet_csv_dir(root):
 def _index_affectnet(root, report, n_classes, crop_face):
     """AffectNet's csvs: rows (subDirectory_filePath, face box, ..., expression 0..10) -> items and,
     with crop_face, face boxes per split. training.csv is train, validation.csv is test."""
-    csv_dir = _affectnet_csv_dir(root)
-    img_root = os.path.join(root, "Manually_Annotated_Images")
+    csv_dir, img_root = _affectnet_csv_dir(root), os.path.join(root, "Manually_Annotated_Images")
     img_root = img_root if os.path.isdir(img_root) else root  # a copy with the images right under ROOT
     to_ours = _affectnet_to_ours(n_classes)
-    box_cols = ["face_x", "face_y", "face_width", "face_height"]
+    box_cols = ["face_x", "face_y", "face_width", "face_height"] if crop_face else []
     items, boxes = {}, {}
     for split, name in AFFECTNET_CSVS.items():
         path = os.path.join(csv_dir, name)
         items[split], boxes[split] = [], []
-        with open(path, newline="", encoding="utf-8", errors="replace") as f:
-            reader = csv.reader(f)
-            first = [c.strip() for c in next(reader, [])]
-            if "subdirectory_filepath" in (c.lower() for c in first):
-                header, rows = [c.lower() for c in first], []
-            elif len(first) >= 7 and first[6].lstrip("-").isdigit():  # no header: the official order
-                header, rows = [c.lower() for c in AFFECTNET_COLUMNS], [(reader.line_num, first)]
-            else:
+        if not os.path.isfile(path):
+            raise DataError(f"{path} not found: AffectNet needs training.csv (train) and validation.csv (test) "
+                            f"side by side; add the missing file")
+        rows = _csv_rows(path)
+        first = next(rows, (1, []))
+        header = [c.strip().lower() for c in first[1]]
+        if "subdirectory_filepath" not in header:
+            if not (len(header) >= 7 and header[6].lstrip("-").isdigit()):
                 raise DataError(f"{path} line 1: expected the header {','.join(AFFECTNET_COLUMNS)} "
-                                f"(found {first}); fix the file's first line")
-            needed = ["subDirectory_filePath", "expression"] + (box_cols if crop_face else [])
-            absent = [c for c in needed if c.lower() not in header]
-            if absent:
-                raise DataError(f"{path} line 1: the header lacks {', '.join(absent)}; add the column(s)")
-            i_path, i_expr = header.index("subdirectory_filepath"), header.index("expression")
-            i_box = [header.index(c) for c in box_cols] if crop_face else []
-            for lineno, row in itertools.chain(rows, ((reader.line_num, r) for r in reader)):
-                if not row:
+                                f"(found {[c.strip() for c in first[1]]}); fix the file's first line")
+            header, rows = [c.lower() for c in AFFECTNET_COLUMNS], itertools.chain([first], rows)  # no header
+        absent = [c for c in ["subDirectory_filePath", "expression"] + box_cols if c.lower() not in header]
+        if absent:
+            raise DataError(f"{path} line 1: the header lacks {', '.join(absent)}; add the column(s)")
+        i_path, i_expr = header.index("subdirectory_filepath"), header.index("expression")
+        i_box = [header.index(c) for c in box_cols]
+        for lineno, row in rows:
+            where = f"{path} line {lineno}"
+            try:
+                rel, expression = row[i_path].strip(), int(row[i_expr])
+                x, y, w, h = (int(float(row[i])) for i in i_box) if crop_face else (0, 0, 0, 0)
+                if not rel:
+                    raise ValueError("empty subDirectory_filePath")
+            except (IndexError, ValueError, OverflowError) as e:
+                report.bad(where, f"malformed row ({e})", "Fix or delete the row")
+                continue
+            if not 0 <= expression <= 10:
+                report.bad(where, f"expression {expression} out of range 0..10", "Fix the label")
+                continue
+            if expression >= n_classes:  # Contempt for AffectNet-7; None, Uncertain, No-Face always
+                report.dropped[AFFECTNET_LABELS[expression]] += 1
+                continue
+            img_path = os.path.join(img_root, rel)
+            size = report.image(img_path, where=where)
+            if size is None:
+                continue
+            if crop_face:  # the face box, clipped to the image
+                box = (max(x, 0), max(y, 0), min(x + w, size[0]), min(y + h, size[1]))
+                if box[2] <= box[0] or box[3] <= box[1]:
+                    report.bad(where, f"face box x={x} y={y} w={w} h={h} lies outside the "
+                               f"{size[0]}x{size[1]} image {img_path}", "Fix the row, or drop --crop-face")
                     continue
-                where = f"{path} line {lineno}"
-                try:
-                    rel, expression = row[i_path].strip(), int(row[i_expr])
-                    x, y, w, h = (int(float(row[i])) for i in i_box) if crop_face else (0, 0, 0, 0)
-                    if not rel:
-                        raise ValueError("empty subDirectory_filePath")
-                except (IndexError, ValueError, OverflowError) as e:
-                    report.bad(where, f"malformed row ({e})", "Fix or delete the row")
-                    continue
-                if not 0 <= expression <= 10:
-                    report.bad(where, f"expression {expression} out of range 0..10", "Fix the label")
-                    continue
-                if expression >= n_classes:  # Contempt for AffectNet-7; None, Uncertain, No-Face always
-                    report.dropped[AFFECTNET_LABELS[expression]] += 1
-                    continue
-                img_path = os.path.join(img_root, rel)
-                size, problem = _probe(img_path)
-                if problem:
-                    report.bad(where, f"{problem}: {img_path}", "Restore the file, or pass --skip-bad-images")
-                    continue
-                if crop_face:  # the face box, clipped to the image
-                    box = (max(x, 0), max(y, 0), min(x + w, size[0]), min(y + h, size[1]))
-                    if box[2] <= box[0] or box[3] <= box[1]:
-                        report.bad(where, f"face box x={x} y={y} w={w} h={h} lies outside the "
-                                   f"{size[0]}x{size[1]} image {img_path}", "Fix the row, or drop --crop-face")
-                        continue
-                    boxes[split].append(box)
-                items[split].append((img_path, to_ours[expression]))
+                boxes[split].append(box)
+            items[split].append((img_path, to_ours[expression]))
         if not items[split]:
             raise DataError(f"{path} lists no usable images of the {n_classes} classes")
     return affectnet_class_names(n_classes), items, (boxes if crop_face else None)
@@ -618,20 +600,18 @@ def _index_affectnet_folders(root, report, n_classes):
     numbering = ", ".join(f"{k} {n}" for k, n in enumerate(AFFECTNET_LABELS[:8]))
     items = {}
     for split, sdir in dirs.items():
-        items[split] = []
-        folders = _visible_dirs(sdir)
+        items[split], folders = [], _visible_dirs(sdir)
         for d in folders:
             if not (d.isdigit() and int(d) < len(AFFECTNET_LABELS)):
                 raise DataError(f"unexpected folder {os.path.join(sdir, d)}: AffectNet's class folders are "
                                 f"numbered ({numbering}); rename or remove it, or use --dataset folder")
         for d in sorted(folders, key=int):
-            e, files = int(d), _scan_class_dir(os.path.join(sdir, d), report)
+            e = int(d)
+            files = _scan_class_dir(os.path.join(sdir, d), report, split, must_have=e < n_classes)
             if e >= n_classes:
                 report.dropped[AFFECTNET_LABELS[e]] += len(files)
-                continue
-            if not files and split in ("train", "all"):
-                raise DataError(f"class folder {os.path.join(sdir, d)} has no readable images")
-            items[split] += [(p, to_ours[e]) for p in files]
+            else:
+                items[split] += [(p, to_ours[e]) for p in files]
         missing = [f"{k} ({AFFECTNET_LABELS[k]})" for k in range(n_classes) if str(k) not in folders]
         if missing and split in ("train", "all"):
             raise DataError(f"{sdir} lacks the AffectNet-{n_classes} class folders {', '.join(missing)}; "
@@ -655,8 +635,8 @@ def detect_format(root):
         return "rafdb"
     if _affectnet_csv_dir(root):
         return "affectnet"
-    dirs = _split_dirs(root)
-    if dirs and _looks_like_caer(dirs["train"]):
+    dirs = _split_dirs(root)  # CAER-S: a train/ whose class folders are mostly the basic emotions
+    if dirs and sum(_canonical_class(n) is not None for n in _visible_dirs(dirs["train"])) >= 4:
         return "caer"
     return "folder"
 
@@ -727,34 +707,27 @@ class Splits:
 
     def counts(self):
         """{split: [count per class]}"""
-        out = {}
-        for split in ("train", "val", "test"):
-            out[split] = np.bincount(getattr(self, split).labels, minlength=len(self.classes)).tolist()
-        return out
+        return {s: np.bincount(getattr(self, s).labels, minlength=len(self.classes)).tolist() for s in SPLITS}
 
     def summary(self):
-        info, counts = self.info, self.counts()
-        H, W = info["img_size"]
+        info, counts, (H, W) = self.info, self.counts(), self.info["img_size"]
+        erasing = info.get("random_erasing", 0.0)
         lines = [f"dataset: {info['format']}  root: {info['root']}",
                  f"image size: {H}x{W} (HxW)  normalize: {info['normalize']}  hflip: {info['hflip']}  "
-                 f"random erasing: {info.get('random_erasing', 0.0)}"
-                 + (" (area {:g}-{:g})".format(*info["erasing_scale"]) if info.get("random_erasing") else ""),
+                 f"random erasing: {erasing}" + (" (area {:g}-{:g})".format(*info["erasing_scale"]) if erasing else ""),
                  f"validation: {info['val_source']}"]
-        if info.get("test_source"):
-            lines.append(f"test: {info['test_source']}")
+        lines += [f"test: {info['test_source']}"] * bool(info.get("test_source"))
         if info.get("sanity_per_class"):
             lines.append(f"sanity subset: {info['sanity_per_class']} per class (train = val = test)")
         width = max(8, max(len(c) for c in self.classes) + 2)
-        lines.append(f"{'class':<{width}}{'train':>8}{'val':>8}{'test':>8}")
-        for y, c in enumerate(self.classes):
-            lines.append(f"{c:<{width}}" + "".join(f"{counts[s][y]:>8}" for s in ("train", "val", "test")))
-        lines.append(f"{'total':<{width}}" + "".join(f"{sum(counts[s]):>8}" for s in ("train", "val", "test")))
-        dropped = info.get("dropped")
+        rows = [("class", SPLITS)] + [(c, [counts[s][y] for s in SPLITS]) for y, c in enumerate(self.classes)]
+        rows.append(("total", [sum(counts[s]) for s in SPLITS]))
+        lines += [f"{name:<{width}}" + "".join(f"{v:>8}" for v in values) for name, values in rows]
+        dropped, skipped = info.get("dropped"), info.get("skipped", [])
         if dropped:
             lines.append(f"dropped (not among the {len(self.classes)} classes): {sum(dropped.values())} "
                          f"({', '.join(f'{k} {v}' for k, v in dropped.items())})")
-        skipped = info.get("skipped", [])
-        runtime = sorted({n for s in ("train", "val", "test") for n in getattr(getattr(self, s), "runtime_skipped", [])})
+        runtime = sorted({n for s in SPLITS for n in getattr(getattr(self, s), "runtime_skipped", [])})
         if skipped or runtime:
             first = (skipped[0][0] + ": " + skipped[0][1]) if skipped else runtime[0]
             lines.append(f"skipped bad items: {len(skipped)} while indexing, {len(runtime)} while reading "
@@ -774,6 +747,31 @@ class Splits:
         return "\n".join(lines)
 
 
+def _file_sources(root, fmt, report, seed, affectnet_classes, crop_face):
+    """Index a dataset of image files -> (classes, {split: ImageSource}, what the test split is)."""
+    if not os.path.isdir(root):
+        raise DataError(f"{root} is not a folder (format {fmt})")
+    boxes, test_source = None, None
+    if fmt == "affectnet" and _affectnet_csv_dir(root):
+        classes, items, boxes = _index_affectnet(root, report, affectnet_classes, crop_face)
+        test_source = "AffectNet's official validation set (validation.csv)"
+    elif fmt == "affectnet":
+        if crop_face:
+            raise DataError(f"crop_face needs AffectNet's training.csv and validation.csv, not found in {root}")
+        classes, items = _index_affectnet_folders(root, report, affectnet_classes)
+        dirs = _split_dirs(root)
+        if "val" in dirs and "test" not in dirs:
+            test_source = f"{dirs['val']} (AffectNet's official validation set)"
+    else:
+        classes, items = {"caer": _index_caer, "folder": _index_folder, "rafdb": _index_rafdb}[fmt](root, report)
+    if "all" in items:  # a flat folder tree: carve out a stratified test split
+        keep, held = stratified_split([y for _, y in items["all"]], TEST_FRACTION, seed)
+        items = {"train": [items["all"][i] for i in keep], "test": [items["all"][i] for i in held]}
+    sources = {s: ImageSource([y for _, y in it], paths=[p for p, _ in it], boxes=boxes[s] if boxes else None)
+               for s, it in items.items()}
+    return classes, sources, test_source
+
+
 def load_datasets(root=None, fmt="auto", img_size=DEFAULT_IMG_SIZE, val_fraction=0.1, seed=0,
                   sanity_per_class=None, hflip=False, normalize=False, skip_bad_images=False,
                   synthetic_size=None, synthetic_processes=1, random_erasing=0.0, erasing_scale=(0.02, 0.33),
@@ -781,13 +779,13 @@ def load_datasets(root=None, fmt="auto", img_size=DEFAULT_IMG_SIZE, val_fraction
     """Load a dataset -> Splits(train, val, test, classes, info). root None = synthetic faces.
 
     hflip and random_erasing (a probability; erased area erasing_scale of the image) augment the
-    training split only. AffectNet:
-    affectnet_classes 7 or 8 (8 adds Contempt), crop_face crops to the csv's face box.
-    Synthetic faces (synthetic_size = per class (train, test), default SYNTHETIC_SIZE) are drawn
-    on demand; with synthetic_processes > 1 every image the splits use is drawn up front by that
-    many processes instead (the same pixels, sooner), and kept in the disk cache (synthetic_cache:
-    True = FACERWKV_CACHE or ~/.cache/facerwkv, a folder, or False = off) for the next run."""
+    training split only. AffectNet: affectnet_classes 7 or 8 (8 adds Contempt), crop_face crops
+    to the csv's face box. Synthetic faces (synthetic_size = per class (train, test), default
+    SYNTHETIC_SIZE): with synthetic_processes > 1, train and test are drawn up front by that many
+    processes and, with synthetic_cache, kept in facerwkv's cache directory for the next run;
+    else each split is drawn on its first use, in memory only."""
     img_size = _check_img_size(img_size)
+    random_erasing, erasing_scale = check_erasing(random_erasing, erasing_scale)
     if fmt not in ("auto",) + FORMATS:
         raise DataError(f"unknown dataset format {fmt!r}; choose one of auto, {', '.join(FORMATS)}")
     if fmt == "auto":
@@ -801,98 +799,66 @@ def load_datasets(root=None, fmt="auto", img_size=DEFAULT_IMG_SIZE, val_fraction
     affectnet_class_names(affectnet_classes)  # 7 or 8, checked before a long scan
     report = IndexingLog(skip_bad_images)
 
-    # sources per split: train, test, and val when the format has its own
-    test_source = None
+    test_source = None  # sources per split: train, test, and val when the format has its own
     if fmt == "synthetic":
-        n_train, n_test = synthetic_size or SYNTHETIC_SIZE
+        sizes = tuple(synthetic_size or SYNTHETIC_SIZE)
+        if len(sizes) != 2 or not all(isinstance(n, (int, np.integer)) and n > 0 for n in sizes):
+            raise DataError(f"synthetic_size (--synthetic-size TRAIN TEST) must be two positive ints, got {sizes}")
         classes = CLASSES
-        cache_dir = _synthetic_cache_dir(synthetic_cache)
-        sources = {"train": SyntheticSource("train", n_train, img_size, seed, cache_dir),
-                   "test": SyntheticSource("test", n_test, img_size, seed, cache_dir)}
+        sources = {split: SyntheticSource(split, int(n), img_size, seed) for split, n in zip(("train", "test"), sizes)}
     elif fmt == "fer2013":
         csv_path = os.path.join(root, "fer2013.csv") if os.path.isdir(root) else root
         if not os.path.isfile(csv_path):
             raise DataError(f"FER2013 csv not found: {csv_path}")
         classes, sources = _index_fer2013(csv_path, report)
     else:
-        if not os.path.isdir(root):
-            raise DataError(f"{root} is not a folder (format {fmt})")
-        boxes = None
-        if fmt == "affectnet" and _affectnet_csv_dir(root):
-            classes, items, boxes = _index_affectnet(root, report, affectnet_classes, crop_face)
-            test_source = "AffectNet's official validation set (validation.csv)"
-        elif fmt == "affectnet":
-            if crop_face:
-                raise DataError(f"crop_face needs AffectNet's training.csv and validation.csv, not found in {root}")
-            classes, items = _index_affectnet_folders(root, report, affectnet_classes)
-            dirs = _split_dirs(root)
-            if "val" in dirs and "test" not in dirs:
-                test_source = f"{dirs['val']} (AffectNet's official validation set)"
-        else:
-            index = {"caer": _index_caer, "folder": _index_folder, "rafdb": _index_rafdb}[fmt]
-            classes, items = index(root, report)
-        if "all" in items:  # a flat folder tree: carve out a stratified test split
-            labels = [y for _, y in items["all"]]
-            keep, held = stratified_split(labels, TEST_FRACTION, seed)
-            items = {"train": [items["all"][i] for i in keep], "test": [items["all"][i] for i in held]}
-        sources = {s: FileSource(it, boxes[s] if boxes else None) for s, it in items.items()}
+        classes, sources, test_source = _file_sources(root, fmt, report, seed, affectnet_classes, crop_face)
 
     train_tf = ImageTransform(img_size, hflip=hflip, normalize=normalize, random_erasing=random_erasing,
                               erasing_scale=erasing_scale)
     eval_tf = ImageTransform(img_size, hflip=False, normalize=normalize)
     train_src = sources["train"]
-    all_train = list(range(len(train_src)))
-    if sanity_per_class:
-        # overfitting check: the same few training images for train, val and test
+    if sanity_per_class:  # overfitting check: the same few training images for train, val and test
         pick = sanity_subset(train_src.labels, sanity_per_class, seed)
-        train = FaceDataset(train_src, pick, train_tf, skip_bad_images)
-        val = FaceDataset(train_src, pick, eval_tf, skip_bad_images)
-        test = FaceDataset(train_src, pick, eval_tf, skip_bad_images)
+        parts = [(train_src, pick, train_tf), (train_src, pick, eval_tf), (train_src, pick, eval_tf)]
         val_source, test_source = "the sanity subset itself", None
     else:
         if "val" in sources:
-            train = FaceDataset(train_src, all_train, train_tf, skip_bad_images)
-            val = FaceDataset(sources["val"], range(len(sources["val"])), eval_tf, skip_bad_images)
+            keep, val = range(len(train_src)), (sources["val"], range(len(sources["val"])), eval_tf)
             val_source = "the dataset's own validation split"
         else:
             keep, held = stratified_split(train_src.labels, val_fraction, seed)
-            train = FaceDataset(train_src, keep, train_tf, skip_bad_images)
-            val = FaceDataset(train_src, held, eval_tf, skip_bad_images)
+            val = (train_src, held, eval_tf)
             val_source = f"{val_fraction:.0%} of train, stratified per class, seed {seed}"
-        test = FaceDataset(sources["test"], range(len(sources["test"])), eval_tf, skip_bad_images)
+        parts = [(train_src, keep, train_tf), val, (sources["test"], range(len(sources["test"])), eval_tf)]
 
     drawn = None
     if fmt == "synthetic" and synthetic_processes > 1:
         t0 = time.time()
-        wanted = collections.defaultdict(set)  # source -> the indices the splits use
-        for ds in (train, val, test):
-            wanted[ds.source].update(ds.indices)
-        ready = [source.draw(indices, synthetic_processes) for source, indices in wanted.items()]
+        ready = [sources[split].draw(synthetic_processes, synthetic_cache) for split in ("train", "test")]
         drawn = dict(images=sum(n for n, _ in ready), from_cache=sum(k for _, k in ready),
-                     seconds=round(time.time() - t0, 2), processes=synthetic_processes, cache_dir=cache_dir)
+                     seconds=round(time.time() - t0, 2), processes=synthetic_processes,
+                     cache_dir=str(facerwkv.cache_dir()) if synthetic_cache else None)
 
-    splits = Splits(train, val, test, tuple(classes))
+    splits = Splits(*(FaceDataset(*part, skip_bad_images) for part in parts), tuple(classes))
     splits.info = dict(format=fmt, root=root, img_size=img_size, classes=list(classes),
                        counts=splits.counts(), val_source=val_source, test_source=test_source,
                        sanity_per_class=sanity_per_class, normalize=normalize, hflip=hflip,
-                       random_erasing=random_erasing, erasing_scale=tuple(erasing_scale), skipped=report.skipped, ignored=report.ignored,
-                       dropped=dict(report.dropped), drawn=drawn)
+                       random_erasing=random_erasing, erasing_scale=erasing_scale, skipped=report.skipped,
+                       ignored=report.ignored, dropped=dict(report.dropped), drawn=drawn)
     return splits
 
 
 # -----------------------------------------------------------------------------
 # Synthetic faces: drawn with Pillow, deterministic in (seed, split, index)
-#
-# Everything from this banner to the end of the file is the generator: its text is part of the
-# disk cache's key, so editing anything below redraws the faces on the next run.
 
 # the demo: image size (H, W), patch size and images per class (train, test), sized so that the
 # demo (5 epochs) runs in under two minutes, cold, on a 2-core CPU; the README's results say where
 SYNTHETIC_IMG_SIZE = (36, 48)
 SYNTHETIC_PATCH_SIZE = 12  # -> 3 x 4 = 12 tokens
 SYNTHETIC_SIZE = (2700, 100)
-SYNTHETIC_CACHE_MB = 512  # in memory, per split and process: drawn faces are kept up to this size
-SYNTHETIC_DISK_CACHE_MB = 2048  # on disk: the oldest cached sets are deleted beyond this
+SYNTHETIC_MEMORY_MB = 1024  # a split up to this size is drawn whole and kept (in memory and on disk)
+SYNTHETIC_VERSION = 1  # part of the disk cache's names: raise it whenever the drawing below changes
 
 # per-class prototype of the expression parameters (the cues); samples jitter around them and
 # some blend toward another class, so the classes overlap a little
@@ -954,7 +920,7 @@ def _draw_background(draw, rng, w, h):
 
 def _face_params(rng, label):
     """Expression cues of one sample: the class prototype, sometimes blended toward another
-    class (overlap), plus per-sample jitter; and the identity/pose nuisances."""
+    class (overlap), plus per-sample jitter."""
     cues = _PROTOTYPES[label].copy()
     if rng.random() < 0.2:
         other = (label + int(rng.integers(1, len(CLASSES)))) % len(CLASSES)
@@ -964,24 +930,17 @@ def _face_params(rng, label):
     return dict(zip(_CUES, cues))
 
 
-# A face is drawn around its centre (cx, cy) in units of half_h, the distance from the centre to
-# the chin (pixels), and rx, its half-width. `line` is the outline width.
+_MOUTH_XS = np.linspace(-1.0, 1.0, 13)  # 13 points across the mouth, corner to corner
+_MOUTH_BULGE = np.sqrt(1.0 - _MOUTH_XS ** 2)  # the lips' opening profile
+
 
 def _draw_face(draw, rng, cx, cy, half_h, p, skin, hair):
-    """A frontal face centred at (cx, cy) with half-height half_h (pixels) and expression cues p."""
+    """A frontal face centred at (cx, cy), with expression cues p. Every length is in units of
+    half_h (centre to chin, pixels) or rx (the half-width); `line` is the outline width."""
     rx = half_h * _uniform(rng, 0.70, 0.84)
     line = max(1, int(round(0.07 * half_h)))
-    dark = _shade(skin, 0.5)  # creases and nostrils
-    ink = _shade(hair, 0.45)  # brows and eyelids
-    _draw_head(draw, rng, cx, cy, half_h, rx, line, skin, hair)
-    eye_y = _draw_eyes(draw, rng, cx, cy, half_h, rx, line, ink, p["eye_open"])
-    _draw_brows(draw, cx, eye_y, half_h, rx, line, ink, dark, p)
-    _draw_nose(draw, cx, cy, eye_y, half_h, rx, line, dark, p["nose_wrinkle"])
-    _draw_mouth(draw, rng, cx, cy, half_h, rx, p)
-
-
-def _draw_head(draw, rng, cx, cy, half_h, rx, line, skin, hair):
-    """Hair behind the head, ears, the face oval and sometimes a fringe."""
+    dark, ink = _shade(skin, 0.5), _shade(hair, 0.45)  # creases and nostrils; brows and eyelids
+    # head: hair behind it, ears, the face oval, sometimes a fringe
     if rng.random() < 0.85:
         draw.ellipse([cx - rx * 1.1, cy - half_h * 1.12, cx + rx * 1.1, cy + half_h * _uniform(rng, 0.0, 0.6)],
                      fill=hair)
@@ -994,12 +953,10 @@ def _draw_head(draw, rng, cx, cy, half_h, rx, line, skin, hair):
         fy = cy - half_h * _uniform(rng, 0.55, 0.75)
         draw.chord([cx - rx, cy - half_h, cx + rx, fy + (fy - (cy - half_h))], 180, 360, fill=hair)
 
-
-def _draw_eyes(draw, rng, cx, cy, half_h, rx, line, ink, eye_open):
-    """White, iris and upper lid of both eyes; eye_open scales their height. -> the eyes' y."""
+    # eyes: white, iris and upper lid; eye_open scales their height
     eye_y = cy - 0.12 * half_h
     ew = 0.22 * rx * _uniform(rng, 0.9, 1.1)
-    eh = max(0.015 * half_h, 0.11 * half_h * max(eye_open, 0.15))
+    eh = max(0.015 * half_h, 0.11 * half_h * max(p["eye_open"], 0.15))
     gaze = _uniform(rng, -0.3, 0.3) * ew
     ir = min(0.5 * ew, 0.9 * eh + 0.02 * half_h)
     for s in (-1, 1):
@@ -1007,12 +964,9 @@ def _draw_eyes(draw, rng, cx, cy, half_h, rx, line, ink, eye_open):
         draw.ellipse([ex - ew, eye_y - eh, ex + ew, eye_y + eh], fill=(245, 245, 240), outline=ink, width=line)
         draw.ellipse([ex + gaze - ir, eye_y - min(ir, eh), ex + gaze + ir, eye_y + min(ir, eh)], fill=(40, 30, 25))
         draw.arc([ex - ew, eye_y - eh, ex + ew, eye_y + eh], 200, 340, fill=ink, width=line + 1)
-    return eye_y
 
-
-def _draw_brows(draw, cx, eye_y, half_h, rx, line, ink, dark, p):
-    """Brows: height from brow_raise; the inner end up for a positive brow_tilt (sad, fear), down
-    for anger; vertical creases between lowered brows (frown_lines)."""
+    # brows: height from brow_raise, the inner end up for a positive brow_tilt (sad, fear), down
+    # for anger; vertical creases between lowered brows (frown_lines)
     brow_y = eye_y - 0.22 * half_h - 0.12 * half_h * p["brow_raise"]
     bw = max(1, int(round(0.12 * half_h)))
     for s in (-1, 1):
@@ -1025,30 +979,21 @@ def _draw_brows(draw, cx, eye_y, half_h, rx, line, ink, dark, p):
             x = cx + s * 0.05 * rx
             draw.line([(x, brow_y - 0.02 * half_h), (x, brow_y + 0.09 * half_h)], fill=dark, width=line)
 
-
-def _draw_nose(draw, cx, cy, eye_y, half_h, rx, line, dark, nose_wrinkle):
-    """Nose, with a wrinkled bridge and flared nostrils for disgust (nose_wrinkle)."""
-    nose_y = cy + 0.2 * half_h
-    draw.line([(cx, eye_y), (cx - 0.07 * rx, nose_y), (cx + 0.05 * rx, nose_y + 0.02 * half_h)],
-              fill=dark, width=line)
-    flare = 1.0 + 0.6 * max(nose_wrinkle, 0.0)
+    # nose, with a wrinkled bridge and flared nostrils for disgust (nose_wrinkle)
+    nose_y, wrinkle = cy + 0.2 * half_h, p["nose_wrinkle"]
+    draw.line([(cx, eye_y), (cx - 0.07 * rx, nose_y), (cx + 0.05 * rx, nose_y + 0.02 * half_h)], fill=dark, width=line)
+    flare = 1.0 + 0.6 * max(wrinkle, 0.0)
     for s in (-1, 1):
         nx = cx + s * 0.09 * rx * flare
         draw.ellipse([nx - 0.035 * half_h, nose_y - 0.015 * half_h, nx + 0.035 * half_h, nose_y + 0.025 * half_h],
                      fill=dark)
-    if nose_wrinkle > 0.5:
+    if wrinkle > 0.5:
         for j in range(3):
             y = eye_y + (0.05 + 0.045 * j) * half_h
             draw.line([(cx - 0.14 * rx, y), (cx, y - 0.02 * half_h), (cx + 0.14 * rx, y)], fill=dark, width=line)
 
-
-_MOUTH_XS = np.linspace(-1.0, 1.0, 13)  # 13 points across the mouth, corner to corner
-_MOUTH_BULGE = np.sqrt(1.0 - _MOUTH_XS ** 2)  # the lips' opening profile
-
-
-def _draw_mouth(draw, rng, cx, cy, half_h, rx, p):
-    """Mouth: corners up for a smile, down for sadness (mouth_curve); opening (mouth_open), width,
-    one side raised for disgust (lip_asym), teeth."""
+    # mouth: corners up for a smile, down for sadness (mouth_curve); opening (mouth_open), width,
+    # one side raised for disgust (lip_asym), teeth
     my = cy + 0.5 * half_h
     mw = 0.40 * rx * min(max(p["mouth_width"], 0.4), 1.6)
     corner = -0.16 * half_h * p["mouth_curve"]  # y offset of the corners (negative = up)
@@ -1059,14 +1004,14 @@ def _draw_mouth(draw, rng, cx, cy, half_h, rx, p):
     lip = (170, 60, 60)
     if h < 0.025 * half_h:
         draw.line(list(zip(cx + mw * xs, centre)), fill=lip, width=max(2, int(round(0.12 * half_h))), joint="curve")
-    else:
-        upper = list(zip(cx + mw * xs, centre - 0.35 * h * bulge))
-        lower = list(zip(cx + mw * xs[::-1], (centre + 0.65 * h * bulge)[::-1]))
-        draw.polygon(upper + lower, fill=(70, 15, 20), outline=lip, width=max(1, int(round(0.03 * half_h))))
-        if p["teeth"] > 0.5:
-            teeth = list(zip(cx + 0.85 * mw * xs, centre - 0.3 * h * bulge))
-            teeth_low = list(zip(cx + 0.85 * mw * xs[::-1], (centre + 0.05 * h * bulge)[::-1]))
-            draw.polygon(teeth + teeth_low, fill=(240, 240, 230))
+        return
+    upper = list(zip(cx + mw * xs, centre - 0.35 * h * bulge))
+    lower = list(zip(cx + mw * xs[::-1], (centre + 0.65 * h * bulge)[::-1]))
+    draw.polygon(upper + lower, fill=(70, 15, 20), outline=lip, width=max(1, int(round(0.03 * half_h))))
+    if p["teeth"] > 0.5:
+        teeth = list(zip(cx + 0.85 * mw * xs, centre - 0.3 * h * bulge))
+        teeth_low = list(zip(cx + 0.85 * mw * xs[::-1], (centre + 0.05 * h * bulge)[::-1]))
+        draw.polygon(teeth + teeth_low, fill=(240, 240, 230))
 
 
 def _draw_occluder(draw, rng, cx, cy, half_h):
@@ -1079,8 +1024,7 @@ def _draw_occluder(draw, rng, cx, cy, half_h):
         draw.ellipse([x - r, y - r * 1.3, x + r, y + r * 1.3], fill=_rand_color(rng, 90, 250))
     elif kind == 1:  # cup / object in the lower corner
         x, y = cx + half_h * _uniform(rng, -0.8, 0.8), cy + half_h * _uniform(rng, 0.7, 1.0)
-        draw.rectangle([x - 0.2 * half_h, y - 0.3 * half_h, x + 0.2 * half_h, y + 0.3 * half_h],
-                       fill=_rand_color(rng))
+        draw.rectangle([x - 0.2 * half_h, y - 0.3 * half_h, x + 0.2 * half_h, y + 0.3 * half_h], fill=_rand_color(rng))
     else:  # a bar over the forehead or chin
         y = cy + half_h * (_uniform(rng, -1.0, -0.75) if rng.random() < 0.5 else _uniform(rng, 0.78, 1.0))
         draw.rectangle([cx - half_h, y - 0.12 * half_h, cx + half_h, y + 0.12 * half_h], fill=_rand_color(rng))
@@ -1089,18 +1033,17 @@ def _draw_occluder(draw, rng, cx, cy, half_h):
 def _turned_box(box, angle, centre, size):
     """The bounding box of `box` (left, top, right, bottom) turned by `angle` radians about
     (centre, centre), 2 pixels wider on every side (a bilinear filter's reach), within 0..size."""
-    xs, ys = [], []
-    for x, y in ((box[0], box[1]), (box[2], box[1]), (box[2], box[3]), (box[0], box[3])):
-        xs.append(centre + math.cos(angle) * (x - centre) - math.sin(angle) * (y - centre))
-        ys.append(centre + math.sin(angle) * (x - centre) + math.cos(angle) * (y - centre))
+    c, s = math.cos(angle), math.sin(angle)
+    corners = [(x - centre, y - centre) for x in (box[0], box[2]) for y in (box[1], box[3])]
+    xs, ys = [centre + c * x - s * y for x, y in corners], [centre + s * x + c * y for x, y in corners]
     return (max(0, math.floor(min(xs)) - 2), max(0, math.floor(min(ys)) - 2),
             min(size, math.ceil(max(xs)) + 2), min(size, math.ceil(max(ys)) + 2))
 
 
 def _paste_rotated(canvas, layer, angle, left, top):
-    """canvas.paste(turned, (left, top), turned) with turned = layer.rotate(angle, BILINEAR), for
-    a square layer holding an opaque drawing on transparent. Only the part of the layer that the
-    drawing turns into and that lands on the canvas is resampled: the same pixels, sooner."""
+    """canvas.paste(turned, (left, top), turned) with turned = layer.rotate(angle, BILINEAR), for a
+    square RGBA (or premultiplied RGBa) layer holding an opaque drawing on transparent. Only the
+    part of the layer that the drawing turns into and that lands on the canvas is resampled."""
     side, centre, turn = layer.size[0], layer.size[0] / 2, -math.radians(angle)  # Pillow's sign
     drawn = layer.getbbox()
     if drawn is None:
@@ -1112,19 +1055,22 @@ def _paste_rotated(canvas, layer, angle, left, top):
         return
     read = _turned_box(landed, -turn, centre, side)  # the layer pixels that part is read from
     box = (min(landed[0], read[0]), min(landed[1], read[1]), max(landed[2], read[2]), max(landed[3], read[3]))
+    # Pillow resamples RGBA premultiplied (RGBa): a layer drawn as RGBa skips that conversion
     part = layer.crop(box).rotate(angle, resample=Image.BILINEAR, center=(centre - box[0], centre - box[1]))
+    part = part.convert("RGBA")
     canvas.paste(part, (left + box[0], top + box[1]), part)
 
 
-def _synthetic_pixels(seed, split, index, img_size):
-    """Synthetic face `index` of `split` -> (uint8 array (H, W, 3), label): see synthetic_face."""
+def _draw_canvas(seed, split, index, img_size):
+    """Face `index` of `split` before lighting -> (uint8 array (H, W, 3), its rng, to draw on)."""
     H, W = img_size
     label = index % len(CLASSES)
     rng = _item_rng(seed, split, index)
     scale = max(1.0, _DRAW_MIN_H / H)
     dh, dw = int(round(H * scale)), int(round(W * scale))
     canvas = Image.new("RGB", (dw, dh))
-    _draw_background(ImageDraw.Draw(canvas), rng, dw, dh)
+    draw = ImageDraw.Draw(canvas)
+    _draw_background(draw, rng, dw, dh)
 
     # the person: shoulders (context) and a face on its own layer, rotated (head tilt) and pasted.
     # Framed like a face detector's loose crop (FER2013, RAF-DB): the face fills the height, but no
@@ -1135,13 +1081,12 @@ def _synthetic_pixels(seed, split, index, img_size):
     skin = tuple(int(c) for c in _SKIN_TONES[rng.integers(0, len(_SKIN_TONES))] * _uniform(rng, 0.9, 1.08))
     skin = tuple(min(255, c) for c in skin)
     hair = _rand_color(rng, 10, 140)
-    draw = ImageDraw.Draw(canvas)
     draw.ellipse([cx - 1.6 * half_h, cy + 0.85 * half_h, cx + 1.6 * half_h, cy + 2.8 * half_h],
                  fill=_rand_color(rng))  # shoulders
     draw.rectangle([cx - 0.3 * half_h, cy + 0.6 * half_h, cx + 0.3 * half_h, cy + 1.0 * half_h],
                    fill=_shade(skin, 0.85))  # neck
     side = int(2.5 * half_h)
-    layer = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+    layer = Image.new("RGBa", (side, side), (0, 0, 0, 0))  # opaque on transparent: RGBa = RGBA
     cues = _face_params(rng, label)
     _draw_face(ImageDraw.Draw(layer), rng, side / 2, side / 2, half_h, cues, skin, hair)
     _paste_rotated(canvas, layer, _uniform(rng, -10, 10), int(cx - side / 2), int(cy - side / 2))
@@ -1149,155 +1094,98 @@ def _synthetic_pixels(seed, split, index, img_size):
         _draw_occluder(draw, rng, cx, cy, half_h)
     if scale > 1.0:
         canvas = canvas.resize((W, H), Image.BILINEAR)
+    return np.asarray(canvas), rng
 
-    # lighting (a directional gain), contrast, sensor noise; integer-exact after the gain
-    a = np.array(canvas, dtype=np.float32)                            # (H, W, 3)
-    theta = _uniform(rng, 0, 2 * math.pi)
-    xs = (np.arange(W, dtype=np.float32) / W - 0.5) * np.float32(np.cos(theta))
-    ys = (np.arange(H, dtype=np.float32) / H - 0.5) * np.float32(np.sin(theta))
-    ramp = ys[:, None] + xs[None, :]                                  # (H, W) light direction
-    gain = np.float32(_uniform(rng, 0.75, 1.2)) * (1.0 + np.float32(_uniform(rng, 0.0, 0.6)) * ramp)
-    a -= 128.0                                                        # contrast about mid-grey
-    a *= np.float32(_uniform(rng, 0.75, 1.1))
+
+def _draw_faces(job):
+    """(seed, split, indices, img_size) -> those faces, uint8 (N, H, W, 3): each drawn, then lit
+    as one batch: a directional gain, contrast and sensor noise, each face's settings and noise
+    drawn from its own rng (float32, integer-exact after the gain, whatever the batch)."""
+    seed, split, indices, (H, W) = job
+    canvases, rngs = zip(*(_draw_canvas(seed, split, i, (H, W)) for i in indices))
+    N = len(indices)
+    cos, sin, level, slope, contrast, sigma = np.empty((6, N, 1, 1), dtype=np.float32)
+    noise = np.empty((N, H, W, 3), dtype=np.float32)
+    for k, rng in enumerate(rngs):
+        theta = _uniform(rng, 0, 2 * math.pi)  # the light's direction
+        cos[k], sin[k] = np.cos(theta), np.sin(theta)
+        level[k], slope[k], contrast[k] = _uniform(rng, 0.75, 1.2), _uniform(rng, 0.0, 0.6), _uniform(rng, 0.75, 1.1)
+        rng.standard_normal((H, W, 3), dtype=np.float32, out=noise[k])
+        sigma[k] = _uniform(rng, 2.0, 8.0)
+    xs = (np.arange(W, dtype=np.float32) / W - 0.5) * cos                  # (N, 1, W)
+    ys = (np.arange(H, dtype=np.float32)[:, None] / H - 0.5) * sin         # (N, H, 1)
+    gain = level * (1.0 + slope * (ys + xs))                               # (N, H, W)
+    a = np.stack(canvases).astype(np.float32)                              # (N, H, W, 3)
+    a -= 128.0                                                             # contrast about mid-grey
+    a *= contrast[..., None]
     a += 128.0
-    noise = rng.standard_normal(a.shape, dtype=np.float32)           # sensor noise
-    noise *= np.float32(_uniform(rng, 2.0, 8.0))
+    noise *= sigma[..., None]
     a *= gain[..., None]
     a += noise
-    return np.clip(np.rint(a, out=a), 0, 255, out=a).astype(np.uint8), label
+    return np.clip(np.rint(a, out=a), 0, 255, out=a).astype(np.uint8)
 
 
 def synthetic_face(seed, split, index, img_size=SYNTHETIC_IMG_SIZE):
     """Draw synthetic face `index` of `split` -> (PIL RGB image of img_size (H, W), label).
     Labels cycle through CLASSES (index % 7), so every prefix of a split is balanced."""
-    pixels, label = _synthetic_pixels(seed, split, index, _check_img_size(img_size))
-    return Image.fromarray(pixels), label
+    pixels = _draw_faces((seed, split, [index], _check_img_size(img_size)))[0]
+    return Image.fromarray(pixels), index % len(CLASSES)
+
+
+def _draw_all(seed, split, n, img_size, processes):
+    """Faces 0..n-1 of a split -> uint8 (n, H, W, 3), in chunks, by `processes` processes."""
+    size = max(1, min(256, n // (4 * processes)))
+    jobs = [(seed, split, range(i, min(i + size, n)), img_size) for i in range(0, n, size)]
+    if processes < 2 or len(jobs) < 2:
+        return np.concatenate([_draw_faces(job) for job in jobs])
+    with multiprocessing.Pool(processes) as pool:
+        return np.concatenate(pool.map(_draw_faces, jobs))
 
 
 class SyntheticSource:
-    """n_per_class * 7 synthetic faces of one split, drawn on the fly at img_size. Drawn images
-    are kept (uint8, per process) up to SYNTHETIC_CACHE_MB, so later epochs cost nothing; with a
-    cache_dir, draw() keeps the whole split on disk too, for the next run."""
+    """n_per_class * 7 synthetic faces of one split at img_size. A split of up to
+    SYNTHETIC_MEMORY_MB is drawn whole, once (by draw(), or on its first use) and kept as uint8
+    pixels (N, H, W, 3); a larger one is drawn image by image as it is read."""
 
-    def __init__(self, split, n_per_class, img_size, seed=0, cache_dir=None):
+    def __init__(self, split, n_per_class, img_size, seed=0):
         self.split, self.seed, self.img_size = split, seed, _check_img_size(img_size)
         self.labels = [i % len(CLASSES) for i in range(n_per_class * len(CLASSES))]
-        H, W = self.img_size
-        self.cache_limit = int(SYNTHETIC_CACHE_MB * 2 ** 20) // (H * W * 3)  # images that fit
-        self.cache = {}
-        self.cache_dir = cache_dir
+        self.pixels = None
 
     def __len__(self):
         return len(self.labels)
 
     def load(self, i):
-        if i in self.cache:
-            return Image.fromarray(self.cache[i])
-        img = synthetic_face(self.seed, self.split, i, self.img_size)[0]
-        if len(self.cache) < self.cache_limit:
-            self.cache[i] = np.asarray(img)
-        return img
+        """Face i as uint8 pixels (H, W, 3) (what ImageTransform.pixels takes as they are)."""
+        if self.pixels is None:
+            self.draw()
+        return self.pixels[i] if self.pixels is not None else _draw_faces((self.seed, self.split, [i], self.img_size))[0]
 
     def name(self, i):
         return f"synthetic:{self.seed}:{self.split}:{i}"
 
-    def cache_file(self):
-        """The disk cache's file for this split: named by a hash of the generator's source (this
-        section of data.py), the library versions that render it, and every parameter."""
-        key = "\n".join([_generator_source(), np.__version__, Image.__version__, repr(CLASSES),
-                         repr((self.seed, self.split, len(self), self.img_size))])
-        return os.path.join(self.cache_dir, f"synthetic_{hashlib.sha256(key.encode()).hexdigest()[:20]}.npy")
-
-    def draw(self, indices, processes=1):
-        """Draw these items now, in `processes` worker processes, and keep them (as far as the
-        memory cache allows): the same pixels as drawing them one by one on demand. With a
-        cache_dir they are read from the disk cache if there, and a fully drawn split is written
-        there. Returns (images now in memory, how many of them came from the disk cache)."""
-        todo = sorted(set(int(i) for i in indices) - self.cache.keys())
-        todo = todo[:max(0, self.cache_limit - len(self.cache))]
-        if not todo:
+    def draw(self, processes=1, disk_cache=False):
+        """Draw the whole split now, by `processes` worker processes, if it fits in memory; with
+        disk_cache, through facerwkv.cached() (read back when a run has drawn it before, its digest
+        checked). -> (images drawn or read now, how many of them came from the disk cache)."""
+        H, W = self.img_size
+        if self.pixels is not None or len(self) * H * W * 3 > SYNTHETIC_MEMORY_MB * 2 ** 20:
             return 0, 0
-        on_disk = self.cache_dir is not None and len(self) <= self.cache_limit  # whole splits only
-        if on_disk:
-            stored = _read_array(self.cache_file(), (len(self),) + self.img_size + (3,))
-            if stored is not None:
-                self.cache.update(zip(todo, stored[todo]))
-                return len(todo), len(todo)
-        jobs = [(self.seed, self.split, i, self.img_size) for i in todo]
-        if processes > 1 and len(jobs) > 1:
-            with multiprocessing.Pool(processes) as pool:
-                arrays = pool.map(_draw_array, jobs, chunksize=max(1, min(256, len(jobs) // (4 * processes))))
+        built = []
+
+        def build(tmp_path):
+            with open(tmp_path, "wb") as f:
+                np.save(f, _draw_all(self.seed, self.split, len(self), self.img_size, processes))
+            built.append(True)
+
+        if disk_cache:
+            name = (f"synthetic-v{SYNTHETIC_VERSION}-{self.split}-seed{self.seed}-{len(self)}x{H}x{W}"
+                    f"-numpy{np.__version__}-pillow{Image.__version__}.npy")
+            self.pixels = np.load(facerwkv.cached(name, build))
         else:
-            arrays = map(_draw_array, jobs)
-        self.cache.update(zip(todo, arrays))
-        if on_disk and len(self.cache) == len(self):
-            _write_array(self.cache_file(), np.stack([self.cache[i] for i in range(len(self))]))
-        return len(todo), 0
-
-
-def _draw_array(job):
-    return _synthetic_pixels(*job)[0]
-
-
-@functools.lru_cache(maxsize=None)
-def _generator_source():
-    """The text of this file from the synthetic faces' banner on: what the drawn pixels depend on."""
-    with open(__file__, encoding="utf-8") as f:
-        text = f.read()
-    return text[text.find("\n# Synthetic faces"):]
-
-
-def _synthetic_cache_dir(setting):
-    """The disk cache's folder: True = $FACERWKV_CACHE or ~/.cache/facerwkv (the kernel cache's),
-    falling back to the temp dir where that cannot be written; a path = that folder; False = None."""
-    if not setting:
-        return None
-    root = setting if isinstance(setting, (str, os.PathLike)) else (
-        os.environ.get("FACERWKV_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "facerwkv"))
-    try:
-        os.makedirs(root, exist_ok=True)
-        if os.access(root, os.W_OK):
-            return str(root)
-    except OSError:
-        pass
-    return tempfile.gettempdir()
-
-
-def _read_array(path, shape):
-    """A cached uint8 array of this shape (memory-mapped), or None if absent or unusable."""
-    try:
-        a = np.load(path, mmap_mode="r")
-    except (OSError, ValueError):
-        return None
-    with contextlib.suppress(OSError):
-        os.utime(path)  # recently used: the last to be pruned
-    return a if a.shape == shape and a.dtype == np.uint8 else None
-
-
-def _write_array(path, a):
-    """Save atomically (a temp file renamed into place: a reader never sees half a file), then
-    delete the oldest cached sets beyond SYNTHETIC_DISK_CACHE_MB. A failure only warns."""
-    folder, tmp = os.path.dirname(path), None
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".synthetic_", suffix=".tmp", delete=False) as f:
-            tmp = f.name
-            np.save(f, a)
-        os.chmod(tmp, 0o644)  # readable like any cache file (a temp file starts private)
-        os.replace(tmp, path)
-    except OSError as e:
-        warnings.warn(f"could not cache the synthetic faces in {folder} ({e}); they will be drawn again next run")
-        if tmp:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-        return
-    with contextlib.suppress(OSError):  # another process may be pruning too
-        cached = sorted((os.path.join(folder, n) for n in os.listdir(folder)
-                         if n.startswith("synthetic_") and n.endswith(".npy")), key=os.path.getmtime, reverse=True)
-        total = 0
-        for p in cached:
-            total += os.path.getsize(p)
-            if total > SYNTHETIC_DISK_CACHE_MB * 2 ** 20 and p != path:
-                os.remove(p)
+            self.pixels = _draw_all(self.seed, self.split, len(self), self.img_size, processes)
+            built.append(True)
+        return len(self), (0 if built else len(self))
 
 
 def export_synthetic(out_root, train_per_class=SYNTHETIC_SIZE[0], test_per_class=SYNTHETIC_SIZE[1],
@@ -1307,7 +1195,7 @@ def export_synthetic(out_root, train_per_class=SYNTHETIC_SIZE[0], test_per_class
     for split, n in (("train", train_per_class), ("test", test_per_class)):
         for c in CLASSES:
             os.makedirs(os.path.join(out_root, split, c), exist_ok=True)
-        for i in range(n * len(CLASSES)):
-            img, label = synthetic_face(seed, split, i, img_size)
-            img.save(os.path.join(out_root, split, CLASSES[label], f"{i:05d}.png"))
+        pixels = _draw_all(seed, split, n * len(CLASSES), _check_img_size(img_size), 1)
+        for i, face in enumerate(pixels):
+            Image.fromarray(face).save(os.path.join(out_root, split, CLASSES[i % len(CLASSES)], f"{i:05d}.png"))
     return out_root
