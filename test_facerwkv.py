@@ -3187,7 +3187,7 @@ def test_train_sam_step_equals_the_two_step_computation_by_hand():
 
 
 def test_train_exp_schedule_per_epoch_written_per_step():
-    f = [train.exp_lr_factor(s, 0, 4, 0.5) for s in range(12)]
+    f = [train.lr_factor(s, 0, 12, 4, "exp", 0.5) for s in range(12)]
     assert f == [1.0] * 4 + [0.5] * 4 + [0.25] * 4
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = train.make_scheduler(opt, 0, 12, 4, "exp", 0.5)

@@ -22,10 +22,8 @@ kept as last-prev.pt), best.pt, test_metrics.json, confusion.csv and summary.jso
 any moment and resumed with --resume ends with the same parameters as an uninterrupted one (seeded,
 CPU): the data order is a function of (seed, epoch) and the checkpoint holds the optimizer,
 scheduler, step and every process's RNG state. A checkpoint supplies a model, its data and its
-recipe (CARRIED) -- never what to do or where to write.
-
-Under torchrun each process takes batch_size / world_size images per step, so the global batch,
-and with it the recipe, stays that of --batch-size whatever the number of processes.
+recipe (CARRIED) -- never what to do or where to write. Under torchrun the global batch, and with
+it the recipe, stays that of --batch-size whatever the number of processes.
 """
 
 import argparse
@@ -57,53 +55,31 @@ from torch.utils.data import DataLoader, DistributedSampler
 import data
 from facerwkv import (PRESETS, Block, FaceRWKV, FaceRWKVConfig, TransformerBlock, VRWKVBlock, atomic_write,
                       read_checkpoint)
-from poster import POSTER_PRESETS, POSTERV2_CLASS_ORDER, PosterConfig, PosterRWKV, poster_param_count, posterv2_state_dict
+from poster import (POSTER_PRESETS, POSTERV2_CLASS_ORDER, PosterConfig, PosterRWKV, poster_param_count,
+                    posterv2_state_dict)
 
 # -----------------------------------------------------------------------------
 # Settings: the recipes, the demo's defaults, and one preset per paper experiment
 
-# The paper's recipe (section 5.1); the argparse defaults below come from it.
-RECIPE = dict(
-    optimizer="adam",     # Adam, betas (0.9, 0.999)
-    lr=1e-3,              # peak learning rate
-    schedule="cosine",    # linear warm-up per step from 0.1 x lr, then cosine annealing to 0, per step
-    warmup_epochs=1.0,    # the warm-up spans the first epoch
-    lr_gamma=0.98,        # (exp schedule only)
-    epochs=25,            # Table 2 (Tables 3 and 5 train 15)
-    batch_size=64,
-    clip=1.0,             # max gradient norm, clipped after backward
-    weight_decay=0.0,
-    hflip=False,          # no augmentation
-    random_erasing=0.0,
-    erasing_scale=(0.02, 0.33),
-    balanced_sampler=False,
-)
+# The paper's recipe (section 5.1): Adam(0.9, 0.999), warm-up from 0.1 x lr, cosine to 0, both per step
+RECIPE = dict(optimizer="adam", lr=1e-3, schedule="cosine", warmup_epochs=1.0, lr_gamma=0.98, epochs=25,
+              batch_size=64, clip=1.0, weight_decay=0.0, hflip=False, random_erasing=0.0,
+              erasing_scale=(0.02, 0.33), balanced_sampler=False)
+# POSTER V2's recipe (its main.py): SAM around Adam, lr x 0.98 per epoch, flips, erasing; lr per dataset
+POSTER_RECIPE = dict(optimizer="sam", sam_rho=0.05, schedule="exp", lr_gamma=0.98, warmup_epochs=0.0, epochs=200,
+                     batch_size=144, clip=0.0, weight_decay=0.0, hflip=True, random_erasing=1.0,
+                     erasing_scale=(0.05, 0.05))
+POSTER_PER_DATASET = {"rafdb": dict(lr=3.5e-5, random_erasing=0.5, erasing_scale=(0.02, 0.1)),
+                      "caer": dict(lr=4e-5), "affectnet": dict(lr=1e-6)}
+POSTER_OTHER_LR = 3.5e-5  # datasets POSTER V2 never trained on: RAF-DB's
 
-# POSTER V2's recipe (its main.py), to compare the two on the same code: SAM around Adam, an
-# exponential decay per epoch, flips and random erasing. Its learning rate and erasing depend on
-# the dataset; batches are class-balanced on AffectNet. Its --wd flag is parsed and never used: 0.
-POSTER_RECIPE = dict(
-    optimizer="sam", sam_rho=0.05, schedule="exp", lr_gamma=0.98, warmup_epochs=0.0, epochs=200,
-    batch_size=144, clip=0.0, weight_decay=0.0, hflip=True,
-    random_erasing=1.0, erasing_scale=(0.05, 0.05),         # CAER-S, AffectNet
-)
-POSTER_PER_DATASET = {
-    "rafdb": dict(lr=3.5e-5, random_erasing=0.5, erasing_scale=(0.02, 0.1)),
-    "caer": dict(lr=4e-5),
-    "affectnet": dict(lr=1e-6),
-}
-POSTER_OTHER_LR = 3.5e-5  # datasets POSTER V2 never trained on (FER2013, folders, synthetic): RAF-DB's
-
-# Without --data: the built-in synthetic faces at a reduced resolution, sized for about two minutes
-# on a 2-core CPU (workers=0: the faces are drawn up front and kept in this process). The patch
-# size comes from DEMO_PATCH: 12x12 pixel patches, or 3x3 cells of the ResNet50 stem's 1/4-size
-# map, the same 3x4 token grid either way. Explicit flags and --experiment presets override.
+# Without --data: synthetic faces at reduced size (about two minutes on 2 CPU cores), the same 3x4
+# token grid from pixel patches or from the ResNet50 stem's 1/4-size map
 DEMO = dict(dataset="synthetic", img_size=data.SYNTHETIC_IMG_SIZE, epochs=5, workers=0)
 DEMO_PATCH = {"none": data.SYNTHETIC_PATCH_SIZE, "resnet50": data.SYNTHETIC_PATCH_SIZE // 4}
 DEMO_POSTER_IMG_SIZE = (112, 112)  # POSTER's backbones see every image at 112x112
 
-# Section 5 of the paper, one entry per run. Every run prints its Table 4 row (parameters).
-# The hybrids want ImageNet weights for the stem: add --backbone-weights resnet50-11ad3fa6.pth.
+# Section 5 of the paper, one preset per run (hybrids: add --backbone-weights resnet50-11ad3fa6.pth)
 EXPERIMENTS = {
     "sanity": dict(size="small", sanity=2, epochs=8, batch_size=2),               # 5.1: 14 images
     "table2-small": dict(size="small", epochs=25),                                # Table 2, Fig. 4
@@ -116,8 +92,7 @@ EXPERIMENTS = {
     "table5-pos-emb": dict(size="small", pos_emb=True, epochs=15),
     "table5-linear-head": dict(size="small", head="linear", epochs=15),
     "table5-no-rwkv": dict(size="small", backbone="resnet50", patch_size=5, mixer="identity", epochs=15),
-    # POSTER V2 (Mao et al. 2023) with RWKV in place of its transformer, beside POSTER V2 itself.
-    # Add --ir50-weights ir50.pth --landmark-weights mobilefacenet_model_best.pth.tar.
+    # POSTER V2 (Mao et al. 2023) and with RWKV as its mixer: add --ir50-weights, --landmark-weights
     "poster-v2": dict(size="poster-v2", img_size=(224, 224)),
     "poster-rwkv": dict(size="poster-rwkv", img_size=(224, 224)),
     "poster-vrwkv": dict(size="poster-vrwkv", img_size=(224, 224)),
@@ -150,8 +125,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def number(kind, lo, hi=None, lo_open=False, hi_open=False):
-    """The argparse type of every numeric flag: a finite int or float in a range; anything else
-    (nan, inf, out of range, not a number) is refused naming the range."""
+    """The type of every numeric flag: a finite int or float in a range, else refused naming the range."""
     what = "an integer" if kind is int else "a finite number"
     if hi is None:
         what += f" {'>' if lo_open else '>='} {lo}"
@@ -301,8 +275,7 @@ def data_format(args):
 
 
 def is_demo(args):
-    """No --data: the built-in synthetic faces at the demo's resolution (not for --count-params,
-    which counts at the paper's)."""
+    """No --data: the synthetic faces at the demo's resolution (--count-params counts at the paper's)."""
     return args.data is None and not args.count_params
 
 
@@ -314,9 +287,14 @@ def plain(value):
     return list(value) if isinstance(value, tuple) else value
 
 
+def differences(theirs, ours, what):
+    """'key=theirs (checkpoint) vs ours' for every key of `ours` whose value differs."""
+    return [f"{k}={plain(theirs.get(k))} (checkpoint) vs {plain(v)}{what}"
+            for k, v in ours.items() if plain(theirs.get(k)) != plain(v)]
+
+
 def check_values(parser, args, ckpt):
-    """Every setting, whether from a flag, a preset or a checkpoint, passes its flag's type and
-    choices: a checkpoint's saved settings are validated like flags."""
+    """Every setting, from a flag, a preset or a checkpoint, passes its flag's type and choices."""
     for action in parser._actions:
         value = getattr(args, action.dest, None)
         if not action.option_strings or value is None or action.dest == "help":
@@ -338,14 +316,14 @@ def check_values(parser, args, ckpt):
                 if action.choices is not None and v not in action.choices:
                     raise argparse.ArgumentTypeError(f"must be one of {', '.join(map(str, action.choices))}")
         except argparse.ArgumentTypeError as e:
-            where = f" (saved in {ckpt['path']})" if ckpt and str(ckpt["args"].get(action.dest)) == str(plain(value)) else ""
+            saved = ckpt and str(ckpt["args"].get(action.dest)) == str(plain(value))
+            where = f" (saved in {ckpt['path']})" if saved else ""
             raise UsageError(f"argument {action.option_strings[0]}: {e}{where}") from None
 
 
 def parse_args(argv):
-    """-> (args, checkpoint or None). Defaults are layered: paper < demo (no --data) < --recipe <
-    --experiment < the checkpoint's CARRIED settings (--resume/--eval-only) < explicit flags, so
-    the final namespace spells out everything. The checkpoint is read here, once, and handed on."""
+    """-> (args, checkpoint or None). Defaults layer: paper < demo < --recipe < --experiment <
+    the checkpoint's CARRIED settings < explicit flags."""
     parser = build_parser()
     first = parser.parse_args(argv)
     ckpt = None
@@ -366,15 +344,12 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     check_values(parser, args, ckpt)
     if ckpt:  # defaults are the checkpoint's: a difference is a flag that would change the model
-        saved = ckpt["args"]
-        changed = [f"{k}={plain(saved.get(k))} (checkpoint) vs {plain(getattr(args, k))}"
-                   for k in MODEL_KEYS if plain(saved.get(k)) != plain(getattr(args, k))]
+        changed = differences(ckpt["args"], {k: getattr(args, k) for k in MODEL_KEYS}, "")
         if changed:
             raise UsageError(f"{ckpt['path']}: settings that would change its model: {'; '.join(changed)}. "
                              "Drop them (or start a new run with --name)")
     if is_demo(args) and args.patch_size is None and not ckpt and args.size in PRESETS:
-        backbone = args.backbone or PRESETS[args.size].get("backbone", "none")
-        args.patch_size = DEMO_PATCH[backbone]
+        args.patch_size = DEMO_PATCH[args.backbone or PRESETS[args.size].get("backbone", "none")]
     args.img_size, args.synthetic_size = tuple(args.img_size), tuple(args.synthetic_size)
     args.random_erasing, args.erasing_scale = data.check_erasing(args.random_erasing, args.erasing_scale)
     if args.init_from and (args.resume or args.eval_only):
@@ -397,14 +372,13 @@ class LinearProbeConfig:
 
 
 class LinearProbe(nn.Module):
-    """--linear-probe: a linear classifier on the pixels the model would see (normalised). The
-    baseline the synthetic faces are built to defeat: their cues sit at no fixed pixel."""
+    """--linear-probe: a linear classifier on the (normalised) pixels, the baseline the synthetic
+    faces are built to defeat: their cues sit at no fixed pixel."""
 
     def __init__(self, config):
         super().__init__()
         self.config = config
-        H, W = config.img_size
-        self.linear = nn.Linear(3 * H * W, config.n_classes)
+        self.linear = nn.Linear(3 * math.prod(config.img_size), config.n_classes)
 
     def forward(self, images):
         return self.linear(images.flatten(1))  # (B, n_classes)
@@ -421,8 +395,7 @@ ARCHS = {"FaceRWKV": (FaceRWKVConfig, FaceRWKV), "PosterRWKV": (PosterConfig, Po
 
 
 def model_config(args, n_classes):
-    """The model's config from the flags: the linear probe's, a POSTER preset's, or FaceRWKV's
-    --size preset with whatever model flags are set."""
+    """The model's config from the flags: the linear probe's, a POSTER preset's, or FaceRWKV's."""
     if args.linear_probe:
         return LinearProbeConfig(img_size=args.img_size, n_classes=n_classes,
                                  imagenet_norm=args.imagenet_norm is not False)
@@ -439,7 +412,8 @@ def model_config(args, n_classes):
             overrides = {POSTER_FLAGS[k]: getattr(args, k) for k in POSTER_FLAGS if getattr(args, k) is not None}
             return PosterConfig.preset(args.size, img_size=H, n_classes=n_classes, **overrides)
         if args.ir50_weights or args.landmark_weights:
-            raise UsageError("--ir50-weights and --landmark-weights are for the POSTER models (--experiment poster-...)")
+            raise UsageError("--ir50-weights and --landmark-weights are for the POSTER models "
+                             "(--experiment poster-...)")
         if args.backbone_weights and args.imagenet_norm is False:
             raise UsageError("--backbone-weights: the pretrained ResNet50 stem expects ImageNet-normalised inputs; "
                              "drop --no-imagenet-norm")
@@ -474,8 +448,7 @@ def input_size(config):
 
 
 def load_splits(args, config, draw_ahead=True):
-    """train/val/test as the model expects them (its img_size; ImageNet-normalised unless it says not).
-    The synthetic faces are drawn up front by this machine's cores, shared by the ranks."""
+    """train/val/test at the model's img_size and normalisation; synthetic faces drawn up front."""
     processes = max(2, min(os.cpu_count() or 1, 8) // int(os.environ.get("WORLD_SIZE", "1")))
     return data.load_datasets(root=args.data, fmt={"caer-s": "caer"}.get(args.dataset, args.dataset),
                               img_size=input_size(config), val_fraction=args.val_fraction, seed=args.seed,
@@ -489,17 +462,15 @@ def load_splits(args, config, draw_ahead=True):
 # -----------------------------------------------------------------------------
 # Files: the run directory, checkpoints and metrics. Each written whole (atomic_write) or not at all.
 
-RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "last-prev.pt", "best.pt", "test_metrics.json",
-             "summary.json")
+RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "last-prev.pt", "best.pt", "test_metrics.json", "summary.json")
 RESUME_ONLY = ("optimizer", "scheduler", "train_sums", "rng")  # in last.pt, not in best.pt
 
 
 @contextlib.contextmanager
 def claim_run_dir(run_dir, resuming, rank, world):
-    """A run directory belongs to one run: rank 0 holds an fcntl lock on RUN/train.lock for the
-    whole run (the kernel drops it when the process ends, crashed or not), and a new run is
-    refused where another run's files are. Every rank raises the same error."""
-    lock, problem = None, None
+    """Rank 0 holds an fcntl lock on RUN/train.lock for the run (dropped when the process ends);
+    a new run is refused where another run's files are. Every rank raises the same error."""
+    lock, problem = None, [None]  # a list: broadcast from rank 0 to every rank
     if rank == 0:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -507,19 +478,17 @@ def claim_run_dir(run_dir, resuming, rank, world):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             found = [f for f in RUN_FILES if (run_dir / f).exists()]
             if found and not resuming:
-                problem = (f"{run_dir} already holds a run ({', '.join(found)}); continue it with "
-                           f"--resume {run_dir} or pick another --name")
+                problem[0] = (f"{run_dir} already holds a run ({', '.join(found)}); continue it with "
+                              f"--resume {run_dir} or pick another --name")
         except BlockingIOError:
-            problem = f"{run_dir} is in use by another train.py process; wait for it or pick another --name"
+            problem[0] = f"{run_dir} is in use by another train.py process; wait for it or pick another --name"
         except OSError as e:
-            problem = f"cannot use {run_dir} as a run directory (--out/--name): {e.strerror}"
+            problem[0] = f"cannot use {run_dir} as a run directory (--out/--name): {e.strerror}"
     if world > 1:
-        box = [problem]
-        dist.broadcast_object_list(box, src=0)
-        problem = box[0]
+        dist.broadcast_object_list(problem, src=0)
     try:
-        if problem:
-            raise UsageError(problem)
+        if problem[0]:
+            raise UsageError(problem[0])
         yield
     finally:
         if lock:
@@ -530,9 +499,14 @@ def write_json(path, obj):
     atomic_write(path, (json.dumps(obj, indent=1, default=str) + "\n").encode())
 
 
+def write_csv(path, rows):
+    text = io.StringIO()
+    csv.writer(text).writerows(rows)
+    atomic_write(path, text.getvalue().encode())
+
+
 def read_metrics(path):
-    """The rows of a metrics.jsonl. A torn last row (a kill while it was written) is dropped with
-    a notice; a bad row before it is an error."""
+    """The rows of a metrics.jsonl; a torn last row (killed while written) is dropped with a notice."""
     lines = [line for line in Path(path).read_text(errors="replace").splitlines() if line.strip()]
     rows = []
     for i, line in enumerate(lines):
@@ -550,11 +524,11 @@ def read_metrics(path):
 
 
 def read_train_checkpoint(path, args=None):
-    """A checkpoint written by train.py, or released by POSTER V2, read through
-    facerwkv.read_checkpoint (no code is ever unpickled); DDP's 'module.' prefixes are dropped."""
+    """A train.py or POSTER V2 checkpoint (no code is unpickled), DDP's 'module.' dropped."""
     try:
         ckpt = read_checkpoint(path)
-        if isinstance(ckpt, dict) and "arch" not in ckpt and isinstance(ckpt.get("state_dict"), dict) and args is not None:
+        if args is not None and isinstance(ckpt, dict) and "arch" not in ckpt \
+                and isinstance(ckpt.get("state_dict"), dict):
             return posterv2_checkpoint(path, args)
     except (OSError, ValueError) as e:
         raise UsageError(str(e)) from None
@@ -569,9 +543,8 @@ def read_train_checkpoint(path, args=None):
 
 
 def posterv2_checkpoint(path, args):
-    """A POSTER V2 checkpoint as a train.py one of the poster-v2 model (7 or 8 classes, POSTER V2's
-    224 x 224 ImageNet-normalised input), its classifier's rows put in the project's class order.
-    Its own order is that of the folders of the dataset it was trained on (--dataset, or --data's)."""
+    """A POSTER V2 checkpoint as a train.py one of poster-v2, its classifier's rows put from its
+    dataset's class order (--dataset, or --data's) into the project's."""
     n, sd, skipped = posterv2_state_dict(path)
     fmt = "affectnet" if n == 8 else data_format(args)
     if fmt not in POSTERV2_CLASS_ORDER:
@@ -583,15 +556,14 @@ def posterv2_checkpoint(path, args):
     sd["head.weight"], sd["head.bias"] = sd["head.weight"][rows], sd["head.bias"][rows]
     print(f"{path}: POSTER V2 checkpoint, {n} classes in {fmt}'s order ({skipped} unused tensors skipped); its "
           "outputs -> the project's: " + ", ".join(f"{i} {c} -> {classes.index(c)}" for i, c in enumerate(order)))
-    return {"model": sd, "arch": "PosterRWKV", "config": dataclasses.asdict(PosterConfig.preset("poster-v2", n_classes=n)),
-            "classes": list(classes), "path": str(path), "args": {
-                "size": "poster-v2", "experiment": None, "img_size": [224, 224], "linear_probe": False,
-                "affectnet_classes": n}}
+    config = dataclasses.asdict(PosterConfig.preset("poster-v2", n_classes=n))
+    return {"model": sd, "arch": "PosterRWKV", "config": config, "classes": list(classes), "path": str(path),
+            "args": {"size": "poster-v2", "experiment": None, "img_size": [224, 224], "linear_probe": False,
+                     "affectnet_classes": n}}
 
 
 def load_checkpoint(path, in_run_dir="last.pt", args=None):
-    """A checkpoint file, or the given one of a run directory (last.pt to resume, best.pt to use).
-    An unreadable last.pt falls back, with a notice, to the last-prev.pt kept beside it."""
+    """A checkpoint file, or a run directory's `in_run_dir`; a bad last.pt falls back to last-prev.pt."""
     path = Path(path) / in_run_dir if Path(path).is_dir() else Path(path)
     prev = path.with_name("last-prev.pt")
     if not path.is_file() and not (path.name == "last.pt" and prev.is_file()):
@@ -606,8 +578,7 @@ def load_checkpoint(path, in_run_dir="last.pt", args=None):
 
 
 def save_last(run_dir, state):
-    """last.pt, written whole; the previous one stays as last-prev.pt, the fallback should the
-    new one be lost or damaged."""
+    """last.pt, written whole; the previous one stays as last-prev.pt, the fallback."""
     last = run_dir / "last.pt"
     if last.exists():
         os.replace(last, run_dir / "last-prev.pt")
@@ -627,9 +598,7 @@ def model_from_checkpoint(ckpt, device):
 
 def load_weights(model, ckpt):
     """Load ckpt's weights into model; a different architecture is named field by field."""
-    ours, theirs = dataclasses.asdict(model.config), ckpt["config"]
-    diff = [f"{k}={plain(theirs.get(k))} (checkpoint) vs {plain(v)} (now)"
-            for k, v in ours.items() if plain(theirs.get(k)) != plain(v)]
+    diff = differences(ckpt["config"], dataclasses.asdict(model.config), " (now)")
     if diff:
         raise UsageError(f"checkpoint {ckpt['path']} was made for a different model: {'; '.join(diff)}. "
                          "Drop the model flags that differ (or use a matching checkpoint).")
@@ -663,10 +632,10 @@ def set_rng_states(state):
 # -----------------------------------------------------------------------------
 # Processes, the optimizer and the learning-rate schedules (both stepped once per batch)
 
-def setup_distributed(device_flag):
+def setup_distributed(args):
     """(rank, world_size, device). Under torchrun the process group comes from the environment."""
-    use_cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
-    if device_flag == "cuda" and not torch.cuda.is_available():
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but torch sees no GPU; use --device cpu")
     if "LOCAL_RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if use_cuda else "cpu")
@@ -675,7 +644,10 @@ def setup_distributed(device_flag):
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    world = dist.get_world_size()
+    if args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world})")
+    return dist.get_rank(), world, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
 
 
 def autocast(args, device):
@@ -685,35 +657,27 @@ def autocast(args, device):
     return contextlib.nullcontext()
 
 
-def lr_factor(step, warmup_steps, total_steps):
-    """Cosine schedule (the paper's): multiplier of the peak lr at optimizer step `step` (0-based),
-    0.1 -> 1 linearly over the warm-up steps, then half a cosine down to 0 at the end of training."""
+def lr_factor(step, warmup_steps, total_steps, steps_per_epoch=None, schedule="cosine", gamma=0.98):
+    """Multiplier of the peak lr at optimizer step `step` (0-based): 0.1 -> 1 linearly over the
+    warm-up, then cosine (the paper's: half a cosine down to 0 at the end of training) or exp (POSTER
+    V2's ExponentialLR: gamma^epoch, written per step so a run resumed mid-epoch continues exactly)."""
     if step < warmup_steps:
         return 0.1 + 0.9 * step / warmup_steps
+    if schedule == "exp":
+        return gamma ** (step // steps_per_epoch)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def exp_lr_factor(step, warmup_steps, steps_per_epoch, gamma):
-    """Exponential schedule (POSTER V2's ExponentialLR): lr x gamma^epoch, constant within an epoch
-    (after the optional warm-up). Written per step, so a run resumed mid-epoch continues it exactly."""
-    if step < warmup_steps:
-        return 0.1 + 0.9 * step / warmup_steps
-    return gamma ** (step // steps_per_epoch)
-
-
 def make_scheduler(optimizer, warmup_steps, total_steps, steps_per_epoch=None, schedule="cosine", gamma=0.98):
     """A LambdaLR stepped once per batch (not per epoch)."""
-    if schedule == "exp":
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: exp_lr_factor(step, warmup_steps, steps_per_epoch, gamma))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        lr_factor, warmup_steps=warmup_steps, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+        schedule=schedule, gamma=gamma))
 
 
 def make_optimizer(params, args, n_train):
-    """The recipe's Adam and per-step schedule for n_train images per epoch ->
-    (optimizer, scheduler, steps_per_epoch); the step count is the same for every world size.
-    (SAM is not an optimizer of its own here: train_step takes its two gradients, Adam steps.)"""
+    """The recipe's Adam and per-step schedule -> (optimizer, scheduler, steps_per_epoch)."""
     params = list(params)
     # fused: Adam's update as one kernel over all tensors instead of a dozen ops per tensor, same maths
     fused = all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params)
@@ -726,13 +690,8 @@ def make_optimizer(params, args, n_train):
 
 
 def train_step(model, images, labels, optimizer, scheduler, clip, amp_context, sam_rho=0.0):
-    """One optimizer step: forward, backward, clip the gradient norm (after backward, when there
-    are gradients), Adam step, then advance the per-step schedule. Returns (loss, correct).
-
-    With sam_rho > 0 the step is SAM's (Foret et al. 2021, non-adaptive, as POSTER V2): from the
-    weights w, climb to the nearby worst case w + rho g/|g| along this batch's gradient g, take
-    the gradient there, return to w and let Adam step with that second gradient. Under DDP both
-    backward passes all-reduce, so every process climbs and steps alike."""
+    """One step: forward, backward, clip, Adam step, schedule step -> (loss, correct). With sam_rho > 0 it is
+    SAM's (Foret et al. 2021, as POSTER V2): climb to w + rho g/|g|, take the gradient there, step from w."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
 
     def loss_and_grad():
@@ -761,12 +720,11 @@ def train_step(model, images, labels, optimizer, scheduler, clip, amp_context, s
 
 
 # -----------------------------------------------------------------------------
-# Data order and evaluation
+# Data order, evaluation, progress lines, and the pieces a run is set up with
 
 def epoch_batches(dataset, epoch, skip_batches, args, rank, world, per_rank_batch, device):
-    """This process's batches of one epoch. The order is a function of (seed, epoch) only, and
-    the union of the ranks' k-th batches is the same global batch for every world size;
-    skip_batches replays a resumed epoch from where its checkpoint was written."""
+    """This process's batches of one epoch: the order depends on (seed, epoch) only, the union of the
+    ranks' k-th batches is the same global batch for any world size; skip_batches resumes mid-epoch."""
     if args.balanced_sampler:
         # every draw picks a class uniformly, then an image of it; rank r takes every world-th draw
         indices = list(data.balanced_indices(dataset.labels, len(dataset), args.seed, epoch))[rank::world]
@@ -783,9 +741,8 @@ def epoch_batches(dataset, epoch, skip_batches, args, rank, world, per_rank_batc
 
 @torch.no_grad()
 def evaluate(model, dataset, n_classes, args, rank, world, per_rank_batch, device):
-    """Loss, accuracy, mean per-class accuracy and confusion matrix (rows: true class, columns:
-    predicted) over the whole dataset. Each process takes every world-th sample (no padding, so
-    every sample counts once) and the counts are summed over processes."""
+    """Loss, accuracy, mean per-class accuracy and confusion matrix (rows: true class) over the dataset;
+    each process takes every world-th sample and the counts are summed."""
     model.eval()
     loader = DataLoader(dataset, batch_size=per_rank_batch, sampler=list(range(rank, len(dataset), world)),
                         num_workers=args.workers, pin_memory=device.type == "cuda", generator=torch.Generator())
@@ -823,21 +780,27 @@ def confusion_table(metrics, classes):
     return "\n".join(lines)
 
 
-def save_test_metrics(out_dir, suffix, metrics, classes, ckpt_path):
-    """test_metrics{suffix}.json and confusion{suffix}.csv."""
+def test_results(m):
+    return {"test_acc": m["acc"], "test_mean_class_acc": m["mean_class_acc"], "test_per_class_acc": m["per_class_acc"],
+            "test_confusion": m["confusion"]}
+
+
+def report_test(title, metrics, classes, out_dir, suffix, ckpt_path):
+    """Print the confusion table; write test_metrics{suffix}.json and confusion{suffix}.csv."""
+    print(title)
+    print(confusion_table(metrics, classes))
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / f"test_metrics{suffix}.json", {"checkpoint": str(ckpt_path), "classes": list(classes),
                                                         **metrics})
-    text = io.StringIO()
-    csv.writer(text).writerows([["true \\ pred", *classes], *([n, *r] for n, r in zip(classes, metrics["confusion"]))])
-    atomic_write(out_dir / f"confusion{suffix}.csv", text.getvalue().encode())
+    write_csv(out_dir / f"confusion{suffix}.csv",
+              [["true \\ pred", *classes], *([n, *r] for n, r in zip(classes, metrics["confusion"]))])
 
 
 class Progress:
     """One line updated in place on a terminal; a line every --log-every steps elsewhere."""
 
     def __init__(self, log_every, enabled):
-        self.log_every, self.enabled = log_every, enabled
-        self.live = enabled and sys.stdout.isatty()
+        self.log_every, self.enabled, self.live = log_every, enabled, enabled and sys.stdout.isatty()
         self.t_last, self.images = time.time(), 0
 
     def update(self, step, total_steps, epoch, epochs, loss, lr, images, eta_s, epoch_end):
@@ -860,175 +823,8 @@ def format_seconds(s):
     return f"{s // 3600}h{s // 60 % 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-# -----------------------------------------------------------------------------
-# Training, from the top: processes, run directory, data, model, optimizer; then the epochs
-# (steps, validation, metrics row, checkpoints); then the best epoch on test.
-
-def train(args, resume=None):
-    """Train from scratch (or on from the checkpoint `resume`), validating every epoch; test the
-    best epoch. Returns the run's summary."""
-    t_start = time.time()  # the run's wall time includes reading (or drawing) the data
-    rank, world, device = setup_distributed(args.device)
-    log = print if rank == 0 else (lambda *a, **k: None)
-    if args.amp == "bf16" and device.type != "cuda":
-        raise UsageError("--amp bf16 needs a CUDA device (on CPU train in fp32: --amp none)")
-    if args.batch_size % world:
-        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world})")
-    config = model_config(args, len(data.CLASSES))  # checked before a possibly long data scan
-    if resume:
-        run_dir = Path(resume["path"]).parent
-    else:  # named by rank 0 (its clock) for everyone
-        stem = args.experiment or ("demo" if args.data is None else args.size)
-        box = [Path(args.out or "runs") / (args.name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")]
-        if world > 1:
-            dist.broadcast_object_list(box, src=0)
-        run_dir = box[0]
-    args.out, args.name = str(run_dir.parent), run_dir.name
-    with claim_run_dir(run_dir, resume is not None, rank, world):
-        splits = load_splits(args, config)
-        classes = splits.classes
-        config = dataclasses.replace(config, n_classes=len(classes))
-        random.seed(args.seed)
-        np.random.seed(args.seed)
-        torch.manual_seed(args.seed)
-        model = build_model(config, args, log, fresh=resume is None)
-        if resume:
-            load_weights(model, resume)
-        elif args.init_from:
-            init_from(model, args.init_from, args, log)
-        if args.train_only:
-            train_only(model, args.train_only, log)
-        model.to(device)
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-            if world > 1 else model
-        optimizer, scheduler, steps_per_epoch = make_optimizer([p for p in model.parameters() if p.requires_grad],
-                                                               args, len(splits.train))
-        total_steps, per_rank = args.epochs * steps_per_epoch, args.batch_size // world
-        step, best_val, best_epoch, sums = 0, -1.0, 0, [0.0, 0, 0]  # sums: this process's loss, correct, seen
-        if resume:
-            optimizer.load_state_dict(resume["optimizer"])
-            scheduler.load_state_dict(resume["scheduler"])
-            step, best_val, best_epoch = resume["step"], resume["best_val_acc"], resume["best_epoch"]
-            sums = list(resume["train_sums"]) if rank == 0 else sums  # the sums over all processes: one carries them
-            set_rng_states(resume["rng"][rank] if len(resume["rng"]) == world else resume["rng"][0])
-        metrics = run_dir / "metrics.jsonl"
-        if rank == 0:
-            write_json(run_dir / "config.json", {"model": dataclasses.asdict(config), "args": vars(args),
-                                                 "data": splits.info, "world_size": world})
-            # the rows that belong to the checkpoint: one per epoch it completed (a kill can come
-            # between writing a row and writing last.pt)
-            rows = read_metrics(metrics)[:step // steps_per_epoch] if resume and metrics.exists() else []
-            atomic_write(metrics, "".join(json.dumps(r) + "\n" for r in rows).encode())
-        log_settings(args, config, model, splits, world, device, rank)
-        log(f"{steps_per_epoch} steps per epoch, {total_steps} in all" + (f"; resuming at step {step}" if step else ""))
-        log(f"run directory: {run_dir}")
-
-        def checkpoint():
-            """What last.pt holds (best.pt: less RESUME_ONLY). A collective under torchrun: the
-            training sums are summed over processes, and every process's RNG state is kept."""
-            total, rngs = list(sums), [rng_states()]
-            if world > 1:
-                t = torch.tensor(sums, dtype=torch.float64, device=device)
-                dist.all_reduce(t)
-                total, rngs = [t[0].item(), int(t[1].item()), int(t[2].item())], [None] * world
-                dist.all_gather_object(rngs, rng_states())
-            return {"model": model.state_dict(), "arch": type(model).__name__, "config": dataclasses.asdict(config),
-                    "args": vars(args), "classes": list(classes), "epoch": step // steps_per_epoch, "step": step,
-                    "best_val_acc": best_val, "best_epoch": best_epoch, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "train_sums": total, "rng": rngs}
-
-        progress = Progress(args.log_every, enabled=rank == 0)
-        sam_rho = args.sam_rho if args.optimizer == "sam" else 0.0
-        t_train = time.time()
-        for epoch in range(step // steps_per_epoch, args.epochs):
-            t_epoch, steps_here = time.time(), 0
-            ddp_model.train()
-            for images, labels in epoch_batches(splits.train, epoch, step % steps_per_epoch, args, rank, world,
-                                                per_rank, device):
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                lr = optimizer.param_groups[0]["lr"]
-                loss, correct = train_step(ddp_model, images, labels, optimizer, scheduler, args.clip,
-                                           autocast(args, device), sam_rho)
-                step, steps_here = step + 1, steps_here + 1
-                if world > 1:  # every process stops together
-                    dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-                loss = loss.item()
-                if not math.isfinite(loss):
-                    progress.end_line()
-                    raise UsageError(f"the loss is {loss} at step {step} (epoch {epoch + 1}): stopped; "
-                                     f"{run_dir / 'last.pt'} is untouched. Lower --lr or check the data")
-                sums = [sums[0] + loss * len(labels), sums[1] + int(correct), sums[2] + len(labels)]
-                if args.stop_after_steps and step >= args.stop_after_steps:
-                    progress.end_line()
-                    log(f"stopping after step {step} (--stop-after-steps: as if killed, nothing saved)")
-                    return {"stopped_at_step": step, "run_dir": str(run_dir)}
-                eta = (time.time() - t_train) / steps_here * (total_steps - step)
-                progress.update(step, total_steps, epoch + 1, args.epochs, loss, lr, len(labels) * world, eta,
-                                epoch_end=step % steps_per_epoch == 0)
-                if args.save_every_steps and step % args.save_every_steps == 0 and step % steps_per_epoch:
-                    state = checkpoint()
-                    if rank == 0:
-                        save_last(run_dir, state)
-            progress.end_line()
-
-            # the end of an epoch: training stats over all processes, validation, the metrics row, checkpoints
-            t = torch.tensor(sums, dtype=torch.float64, device=device)
-            if world > 1:
-                dist.all_reduce(t)
-            val = evaluate(model, splits.val, len(classes), args, rank, world, per_rank, device) \
-                if len(splits.val) else None
-            improved = val is None or val["acc"] > best_val
-            if improved:
-                best_val, best_epoch = (val["acc"] if val else best_val), epoch + 1
-            row = {"epoch": epoch + 1, "step": step, "train_loss": t[0].item() / t[2].item(),
-                   "train_acc": t[1].item() / t[2].item(), "val_loss": val and val["loss"],
-                   "val_acc": val and val["acc"], "val_mean_class_acc": val and val["mean_class_acc"],
-                   "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": round(time.time() - t_epoch, 2)}
-            sums = [0.0, 0, 0]
-            val_text = (f"val loss {row['val_loss']:.4f} val acc {100 * row['val_acc']:.2f}% "
-                        f"(mean per-class {100 * row['val_mean_class_acc']:.2f}%)") if val else "no val split"
-            log(f"epoch {epoch + 1}/{args.epochs} done: train loss {row['train_loss']:.4f} train acc "
-                f"{100 * row['train_acc']:.2f}% {val_text}{' (best)' if improved and val else ''} "
-                f"[{row['epoch_time_s']:.1f}s]")
-            state = checkpoint()
-            if rank == 0:
-                with open(metrics, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                if improved:
-                    best = {k: v for k, v in state.items() if k not in RESUME_ONLY}
-                    atomic_write(run_dir / "best.pt", lambda tmp: torch.save(best, tmp))
-                save_last(run_dir, state)
-
-        # the best-validation model on test: rank 0 reads best.pt and hands the weights to the others
-        if rank == 0:
-            load_weights(model, load_checkpoint(run_dir / "best.pt"))
-        if world > 1:
-            for tensor in model.state_dict().values():
-                dist.broadcast(tensor, src=0)
-        test = evaluate(model, splits.test, len(classes), args, rank, world, per_rank, device)
-        wall = time.time() - t_start
-        summary = {"run_dir": str(run_dir), "params": model.num_params(),
-                   "trainable_params": model.num_params(trainable_only=True),
-                   "best_val_acc": best_val if best_val >= 0 else None, "best_epoch": best_epoch,
-                   "test_acc": test["acc"], "test_mean_class_acc": test["mean_class_acc"],
-                   "test_per_class_acc": test["per_class_acc"], "test_confusion": test["confusion"],
-                   "epochs": args.epochs, "steps": step, "world_size": world, "wall_time_s": round(wall, 2),
-                   "train_time_s": round(time.time() - t_train, 2)}
-        if rank == 0:
-            log(f"\ntest set, best-validation checkpoint (epoch {best_epoch}):")
-            log(confusion_table(test, classes))
-            save_test_metrics(run_dir, "", test, classes, run_dir / "best.pt")
-            write_json(run_dir / "summary.json", summary)
-            best = "-" if summary["best_val_acc"] is None else f"{100 * best_val:.2f}%"
-            log(f"\nsummary: {summary['params']:,} parameters | best val acc {best} (epoch {best_epoch}) | "
-                f"test acc {100 * test['acc']:.2f}% (mean per-class {100 * test['mean_class_acc']:.2f}%) | "
-                f"wall time {format_seconds(wall)} | {run_dir}")
-        return summary
-
-
 def init_from(model, path, args, log):
-    """--init-from: every tensor of a checkpoint (train.py's, or POSTER V2's) whose name and shape
-    fit the model; the rest starts fresh. Returns the names loaded."""
+    """--init-from: every tensor of a checkpoint whose name and shape fit; returns the names loaded."""
     own, theirs = model.state_dict(), load_checkpoint(path, "best.pt", args)["model"]
     fits = {k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(fits, strict=False)
@@ -1044,9 +840,8 @@ def init_from(model, path, args, log):
 
 
 def train_only(model, patterns, log):
-    """--train-only: freeze every parameter that no pattern names (a pattern is a dotted part of the
-    name: 'mixer', 'head', 'blocks.1'). Modules left with nothing to train stay in eval mode
-    during training, so their BatchNorm statistics are frozen too."""
+    """--train-only: freeze every parameter no pattern names ('mixer', 'head', 'blocks.1'); modules
+    left with nothing to train stay in eval mode, so BatchNorm statistics are frozen too."""
     names, pats = dict(model.named_parameters()), [p for p in patterns.split(",") if p]
     named = lambda n, p: f".{p}." in f".{n}."  # noqa: E731
     unknown = [p for p in pats if not any(named(n, p) for n in names)]
@@ -1055,7 +850,7 @@ def train_only(model, patterns, log):
                          f"model's parts are {', '.join(dict.fromkeys(n.split('.')[0] for n in names))}")
     for n, p in names.items():
         p.requires_grad_(p.requires_grad and any(named(n, q) for q in pats))
-    frozen = [m for m in model.modules() if (any(True for _ in m.parameters()) or any(True for _ in m.buffers()))
+    frozen = [m for m in model.modules() if (list(m.parameters()) or list(m.buffers()))
               and not any(p.requires_grad for p in m.parameters())]
     base_train = model.train
 
@@ -1069,34 +864,24 @@ def train_only(model, patterns, log):
         "trainable; the rest frozen, BatchNorm statistics included")
 
 
-def set_threads(args):
-    """torch's CPU threads: --threads, else the cores this process may use less the busy ones
-    (the 1-minute load average), shared by torchrun's processes on this machine. Decided once per
-    process: threads that wait on a busy core slow every op down."""
-    if not args.threads:
-        args.threads = free_cores()
-    torch.set_num_threads(args.threads)
-
-
 @functools.lru_cache(maxsize=None)
 def free_cores():
+    """The default of --threads, decided once per process: the cores this process may use less the busy
+    ones (the 1-minute load average), shared by torchrun's processes on this machine."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     cores //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, min(cores, cores - round(os.getloadavg()[0])))
 
 
-def log_settings(args, config, model, splits, world, device, rank):
+def log_settings(args, config, model, splits, world, device):
     """Every setting, by the --help groups; the data; the parameters per part of the model (Table 4)."""
-    if rank:
-        return
     demo = " (demo defaults: no --data, built-in synthetic faces at reduced resolution)" if args.data is None else ""
     print(f"settings{demo}:")
     print("  model    " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items()))
     for group in build_parser()._action_groups:
-        if group.title.split()[0] not in ("data", "recipe", "run"):
-            continue
-        keys = [a.dest for a in group._group_actions if a.dest not in ("eval_only", "stop_after_steps")]
-        print(f"  {group.title.split()[0]:<8} " + " ".join(f"{k}={getattr(args, k)}" for k in keys))
+        if (name := group.title.split()[0]) in ("data", "recipe", "run"):
+            print(f"  {name:<8} " + " ".join(f"{a.dest}={getattr(args, a.dest)}" for a in group._group_actions
+                                            if a.dest not in ("eval_only", "stop_after_steps")))
     print(f"  processes {world} on {device} ({args.threads} threads), {args.batch_size // world} images per process "
           "per step")
     print(splits.summary())
@@ -1107,11 +892,8 @@ def log_settings(args, config, model, splits, world, device, rank):
 # Evaluation of a checkpoint, prediction, parameter counts
 
 def eval_only(args, ckpt):
-    """The checkpoint on the test split of --data (default: its own). The results are named after
-    what was evaluated on what, beside the checkpoint or in --out: never over a run's own record."""
-    rank, world, device = setup_distributed(args.device)
-    if args.batch_size % world:
-        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world})")
+    """The checkpoint on the test split of --data (default: its own); results go beside it or to --out."""
+    rank, world, device = setup_distributed(args)
     model = model_from_checkpoint(ckpt, device)
     splits = load_splits(args, model.config, draw_ahead=False)  # only test is read: draw on demand
     if model.config.n_classes != len(splits.classes):
@@ -1123,16 +905,12 @@ def eval_only(args, ckpt):
         on = "synthetic" if args.data is None else Path(args.data).resolve().name
         suffix, out = f"-{path.parent.resolve().name}-{path.stem}-on-{on}", Path(args.out or path.parent)
         print(splits.summary())
-        print(f"test set, {path}:")
-        print(confusion_table(test, splits.classes))
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            save_test_metrics(out, suffix, test, splits.classes, path)
+            report_test(f"test set, {path}:", test, splits.classes, out, suffix, path)
             print(f"wrote {out / f'test_metrics{suffix}.json'} and confusion{suffix}.csv")
         except OSError as e:
             print(f"notice: results not saved ({out}: {e.strerror}); pass --out DIR to keep them")
-    return {"checkpoint": ckpt["path"], "test_acc": test["acc"], "test_mean_class_acc": test["mean_class_acc"],
-            "test_per_class_acc": test["per_class_acc"], "test_confusion": test["confusion"], "n": test["n"]}
+    return {"checkpoint": ckpt["path"], **test_results(test), "n": test["n"]}
 
 
 @torch.no_grad()
@@ -1157,8 +935,7 @@ PAPER_PARAMS = {"small": 0.5e6, "medium": 2.8e6, "large": 14.8e6, "hybrid": 15.0
 
 
 def count_params(args):
-    """Parameters of each preset at the current settings (the model flags given apply to all), and
-    of the POSTER presets, also counted as POSTER V2 counts (thop: leaf modules that run + its GDC head)."""
+    """Parameters of each preset at these settings, and of the POSTER presets as POSTER V2 counts them."""
     counts = {}
     print(f"parameters at {args.img_size[0]}x{args.img_size[1]}, 7 classes: model, ours, trainable, paper, config")
     for size, paper in PAPER_PARAMS.items():
@@ -1260,10 +1037,15 @@ def median_ms(fn, device, repeats):
     return sorted(times)[len(times) // 2]
 
 
-def bench_point(method, tokens, mode, width, batch, device, repeats, threads):
-    """Median milliseconds and peak extra memory (MB) of one call; run in its own process."""
+def fresh_process(fn, threads, *a):
+    """fn(*a) in this fresh process: seeded, on `threads` threads."""
     torch.manual_seed(0)
     torch.set_num_threads(threads)
+    return fn(*a)
+
+
+def bench_point(method, tokens, mode, width, batch, device, repeats):
+    """Median milliseconds and peak extra memory (MB) of one call; run in its own process."""
     device, rows, cols = torch.device(device), *bench_grid(tokens)
     mixer = method.split("-")[0]
     if method.endswith("block"):
@@ -1302,10 +1084,8 @@ def bench_point(method, tokens, mode, width, batch, device, repeats, threads):
     return dict(method=method, tokens=tokens, mode=mode, ms=median_ms(run, device, repeats), peak_mb=peak / 2**20)
 
 
-def poster_point(preset, batch, device, repeats, threads):
+def poster_point(preset, batch, device, repeats):
     """Forward+backward milliseconds of a POSTER preset, and of its token mixer alone on the same tokens."""
-    torch.manual_seed(0)
-    torch.set_num_threads(threads)
     device = torch.device(device)
     model = PosterRWKV(PosterConfig.preset(preset)).to(device).train()
     images = torch.randn(batch, 3, model.config.img_size, model.config.img_size, device=device)
@@ -1321,10 +1101,8 @@ def poster_point(preset, batch, device, repeats, threads):
                 mixer_share=ms[1] / ms[0])
 
 
-def wkv_share(batch, threads):
+def wkv_share(batch):
     """(step ms, WKV ms) of a small-model training step at 600 tokens, from torch.profiler."""
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
     model = FaceRWKV(FaceRWKVConfig.preset("small"))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     images, labels, sched = torch.rand(batch, 3, 400, 600), torch.randint(0, 7, (batch,)), make_scheduler(opt, 0, 100)
@@ -1340,44 +1118,200 @@ def wkv_share(batch, threads):
 
 
 def run_benchmark(args):
-    """--benchmark: every method x tokens, printed and written as CSV; POSTER presets and their
-    mixer's share; the WKV op's share of a step."""
+    """--benchmark: every method x tokens as CSV; POSTER's mixer share; the WKV op's share of a step."""
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    ctx, threads, repeats, methods = multiprocessing.get_context("spawn"), args.threads, args.bench_repeats, args.bench_methods
+    threads, repeats, methods = args.threads, args.bench_repeats, args.bench_methods
 
     def fresh(fn, *a):  # a fresh interpreter per point
-        with ctx.Pool(1) as pool:
-            return pool.apply(fn, a)
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(fresh_process, (fn, threads, *a))
     rows = []
     print(f"benchmark on {device} ({threads} threads), width {args.bench_width}, batch {args.bench_batch or 1}")
     for tokens in args.bench_tokens:
         for method in [m for m in BENCH_METHODS if m in methods]:
             for mode in ("forward",) if method == "rwkv-rnn" else ("forward", "train"):  # RNN mode: inference
-                r = fresh(bench_point, method, tokens, mode, args.bench_width, args.bench_batch or 1, device, repeats, threads)
+                r = fresh(bench_point, method, tokens, mode, args.bench_width, args.bench_batch or 1, device, repeats)
                 rows.append(r)
-                print(f"  {method:<18} {tokens:>6} tokens {mode:<8} {r['ms']:>10.1f} ms {r['peak_mb']:>9.1f} MB", flush=True)
-    base = {(r["method"].split("-")[1], r["tokens"], r["mode"]): r for r in rows if r["method"].startswith("transformer")}
+                print(f"  {method:<18} {tokens:>6} tokens {mode:<8} {r['ms']:>10.1f} ms {r['peak_mb']:>9.1f} MB",
+                      flush=True)
+    kind = lambda r: ("model" if r["method"] == "rwkv-rnn" else r["method"].split("-")[1],  # noqa: E731
+                      r["tokens"], r["mode"])
+    base = {kind(r): r for r in rows if r["method"].startswith("transformer")}
     for r in rows:  # how many times faster / smaller than the transformer at the same tokens and mode
-        t = base.get(("model" if r["method"] == "rwkv-rnn" else r["method"].split("-")[1], r["tokens"], r["mode"]))
+        t = base.get(kind(r))
         r["time_ratio"] = t["ms"] / r["ms"] if t else float("nan")
         r["memory_ratio"] = t["peak_mb"] / r["peak_mb"] if t and r["peak_mb"] > 0 else float("nan")
     if rows:
-        text = io.StringIO()
-        w = csv.DictWriter(text, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-        atomic_write(args.benchmark, text.getvalue().encode())
+        write_csv(args.benchmark, [list(rows[0]), *(r.values() for r in rows)])
         print(f"wrote {args.benchmark}")
-    poster_rows = [fresh(poster_point, p, args.bench_batch or 4, device, repeats, threads)
+    poster_rows = [fresh(poster_point, p, args.bench_batch or 4, device, repeats)
                    for p in POSTER_PRESETS if p in methods]
     for r in poster_rows:
         print(f"{r['preset']} at {r['img_size']}, forward + backward of {r['batch']}: {r['ms']:.0f} ms, token mixer "
               f"{r['mixer_ms']:.1f} ms ({100 * r['mixer_share']:.1f} %)")
     if device == "cpu" and "wkv-share" in methods:
-        step_ms, wkv_ms = fresh(wkv_share, args.bench_batch or 8, threads)
+        step_ms, wkv_ms = fresh(wkv_share, args.bench_batch or 8)
         print(f"small model, 600 tokens, batch {args.bench_batch or 8}: train step {step_ms:.0f} ms, of which WKV "
               f"{wkv_ms:.1f} ms = {100 * wkv_ms / step_ms:.1f} %")
     return {"benchmark": rows, "poster": poster_rows}
+
+
+# -----------------------------------------------------------------------------
+# Training, from the top: processes, run directory, data, model, optimizer; then the epochs
+# (steps, validation, metrics row, checkpoints); then the best epoch on test.
+
+def train(args, resume=None):
+    """Train from scratch (or on from the checkpoint `resume`), validating every epoch; test the
+    best epoch. Returns the run's summary."""
+    t_start = time.time()  # the run's wall time includes reading (or drawing) the data
+    rank, world, device = setup_distributed(args)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    if args.amp == "bf16" and device.type != "cuda":
+        raise UsageError("--amp bf16 needs a CUDA device (on CPU train in fp32: --amp none)")
+    config = model_config(args, len(data.CLASSES))  # checked before a possibly long data scan
+    stem = args.experiment or ("demo" if args.data is None else args.size)
+    box = [Path(resume["path"]).parent if resume else  # a new run is named by rank 0's clock, for all
+           Path(args.out or "runs") / (args.name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")]
+    if world > 1:
+        dist.broadcast_object_list(box, src=0)
+    run_dir = box[0]
+    args.out, args.name = str(run_dir.parent), run_dir.name
+    with claim_run_dir(run_dir, resume is not None, rank, world):
+        splits = load_splits(args, config)
+        classes = splits.classes
+        config = dataclasses.replace(config, n_classes=len(classes))
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        model = build_model(config, args, log, fresh=resume is None)
+        if resume:
+            load_weights(model, resume)
+        elif args.init_from:
+            init_from(model, args.init_from, args, log)
+        if args.train_only:
+            train_only(model, args.train_only, log)
+        model.to(device)
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+            if world > 1 else model
+        optimizer, scheduler, steps_per_epoch = make_optimizer([p for p in model.parameters() if p.requires_grad],
+                                                               args, len(splits.train))
+        total_steps, per_rank = args.epochs * steps_per_epoch, args.batch_size // world
+        step, best_val, best_epoch, sums = 0, -1.0, 0, [0.0, 0, 0]  # sums: this process's loss, correct, seen
+        if resume:
+            optimizer.load_state_dict(resume["optimizer"])
+            scheduler.load_state_dict(resume["scheduler"])
+            step, best_val, best_epoch = resume["step"], resume["best_val_acc"], resume["best_epoch"]
+            sums = list(resume["train_sums"]) if rank == 0 else sums  # the sums over all processes: one carries them
+            set_rng_states(resume["rng"][rank] if len(resume["rng"]) == world else resume["rng"][0])
+        metrics = run_dir / "metrics.jsonl"
+        if rank == 0:
+            write_json(run_dir / "config.json", {"model": dataclasses.asdict(config), "args": vars(args),
+                                                 "data": splits.info, "world_size": world})
+            # the rows of the epochs the checkpoint completed (a kill can come between a row and last.pt)
+            rows = read_metrics(metrics)[:step // steps_per_epoch] if resume and metrics.exists() else []
+            atomic_write(metrics, "".join(json.dumps(r) + "\n" for r in rows).encode())
+            log_settings(args, config, model, splits, world, device)
+        log(f"{steps_per_epoch} steps per epoch, {total_steps} in all" + (f"; resuming at step {step}" if step else ""))
+        log(f"run directory: {run_dir}")
+
+        def summed(values):  # over all processes
+            t = torch.tensor(values, dtype=torch.float64, device=device)
+            if world > 1:
+                dist.all_reduce(t)
+            return [t[0].item(), int(t[1].item()), int(t[2].item())]
+
+        def checkpoint():
+            """What last.pt holds (best.pt: less RESUME_ONLY), with every process's RNG state: a collective."""
+            rngs = [rng_states()] if world == 1 else [None] * world
+            if world > 1:
+                dist.all_gather_object(rngs, rng_states())
+            return {"model": model.state_dict(), "arch": type(model).__name__, "config": dataclasses.asdict(config),
+                    "args": vars(args), "classes": list(classes), "epoch": step // steps_per_epoch, "step": step,
+                    "best_val_acc": best_val, "best_epoch": best_epoch, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "train_sums": summed(sums), "rng": rngs}
+
+        progress = Progress(args.log_every, enabled=rank == 0)
+        sam_rho = args.sam_rho if args.optimizer == "sam" else 0.0
+        t_train = time.time()
+        for epoch in range(step // steps_per_epoch, args.epochs):
+            t_epoch, steps_here = time.time(), 0
+            ddp_model.train()
+            for images, labels in epoch_batches(splits.train, epoch, step % steps_per_epoch, args, rank, world,
+                                                per_rank, device):
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                lr = optimizer.param_groups[0]["lr"]
+                loss, correct = train_step(ddp_model, images, labels, optimizer, scheduler, args.clip,
+                                           autocast(args, device), sam_rho)
+                step, steps_here = step + 1, steps_here + 1
+                if world > 1:  # every process stops together
+                    dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+                loss = loss.item()
+                if not math.isfinite(loss):
+                    progress.end_line()
+                    raise UsageError(f"the loss is {loss} at step {step} (epoch {epoch + 1}): stopped; "
+                                     f"{run_dir / 'last.pt'} is untouched. Lower --lr or check the data")
+                sums = [sums[0] + loss * len(labels), sums[1] + int(correct), sums[2] + len(labels)]
+                if args.stop_after_steps and step >= args.stop_after_steps:
+                    progress.end_line()
+                    log(f"stopping after step {step} (--stop-after-steps: as if killed, nothing saved)")
+                    return {"stopped_at_step": step, "run_dir": str(run_dir)}
+                eta = (time.time() - t_train) / steps_here * (total_steps - step)
+                progress.update(step, total_steps, epoch + 1, args.epochs, loss, lr, len(labels) * world, eta,
+                                epoch_end=step % steps_per_epoch == 0)
+                if args.save_every_steps and step % args.save_every_steps == 0 and step % steps_per_epoch:
+                    state = checkpoint()
+                    if rank == 0:
+                        save_last(run_dir, state)
+            progress.end_line()
+
+            # the end of an epoch: validation, the metrics row, checkpoints
+            train_loss, train_correct, seen = summed(sums)
+            val = evaluate(model, splits.val, len(classes), args, rank, world, per_rank, device) \
+                if len(splits.val) else None
+            improved = val is None or val["acc"] > best_val
+            if improved:
+                best_val, best_epoch = (val["acc"] if val else best_val), epoch + 1
+            row = {"epoch": epoch + 1, "step": step, "train_loss": train_loss / seen, "train_acc": train_correct / seen,
+                   "val_loss": val and val["loss"], "val_acc": val and val["acc"],
+                   "val_mean_class_acc": val and val["mean_class_acc"], "lr": optimizer.param_groups[0]["lr"],
+                   "epoch_time_s": round(time.time() - t_epoch, 2)}
+            sums = [0.0, 0, 0]
+            val_text = (f"val loss {row['val_loss']:.4f} val acc {100 * row['val_acc']:.2f}% "
+                        f"(mean per-class {100 * row['val_mean_class_acc']:.2f}%)") if val else "no val split"
+            log(f"epoch {epoch + 1}/{args.epochs} done: train loss {row['train_loss']:.4f} train acc "
+                f"{100 * row['train_acc']:.2f}% {val_text}{' (best)' if improved and val else ''} "
+                f"[{row['epoch_time_s']:.1f}s]")
+            state = checkpoint()
+            if rank == 0:
+                with open(metrics, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                if improved:
+                    best = {k: v for k, v in state.items() if k not in RESUME_ONLY}
+                    atomic_write(run_dir / "best.pt", lambda tmp: torch.save(best, tmp))
+                save_last(run_dir, state)
+
+        # the best-validation model on test: rank 0 reads best.pt and hands the weights to the others
+        if rank == 0:
+            load_weights(model, load_checkpoint(run_dir / "best.pt"))
+        if world > 1:
+            for tensor in model.state_dict().values():
+                dist.broadcast(tensor, src=0)
+        test = evaluate(model, splits.test, len(classes), args, rank, world, per_rank, device)
+        wall = time.time() - t_start
+        summary = {"run_dir": str(run_dir), "params": model.num_params(),
+                   "trainable_params": model.num_params(trainable_only=True),
+                   "best_val_acc": best_val if best_val >= 0 else None, "best_epoch": best_epoch, **test_results(test),
+                   "epochs": args.epochs, "steps": step, "world_size": world, "wall_time_s": round(wall, 2),
+                   "train_time_s": round(time.time() - t_train, 2)}
+        if rank == 0:
+            report_test(f"\ntest set, best-validation checkpoint (epoch {best_epoch}):", test, classes, run_dir, "",
+                        run_dir / "best.pt")
+            write_json(run_dir / "summary.json", summary)
+            best = "-" if summary["best_val_acc"] is None else f"{100 * best_val:.2f}%"
+            log(f"\nsummary: {summary['params']:,} parameters | best val acc {best} (epoch {best_epoch}) | "
+                f"test acc {100 * test['acc']:.2f}% (mean per-class {100 * test['mean_class_acc']:.2f}%) | "
+                f"wall time {format_seconds(wall)} | {run_dir}")
+        return summary
 
 
 # -----------------------------------------------------------------------------
@@ -1386,7 +1320,8 @@ def main(argv=None):
     """Entry point; returns a summary dict. User errors print one line and exit with status 2."""
     try:
         args, ckpt = parse_args(argv)
-        set_threads(args)
+        args.threads = args.threads or free_cores()
+        torch.set_num_threads(args.threads)
         if args.count_params:
             return count_params(args)
         if args.benchmark:
@@ -1404,9 +1339,8 @@ def main(argv=None):
         raise SystemExit(2) from None
     finally:
         if dist.is_initialized():
-            # DistributedDataParallel's reducer holds the process group and sits in reference
-            # cycles: collect it now, or gloo's threads are torn down at interpreter exit while
-            # still joinable ("terminate called without an active exception")
+            # DDP's reducer holds the process group in reference cycles: collect it now, or gloo's threads
+            # are torn down at exit while still joinable ("terminate called without an active exception")
             gc.collect()
             dist.destroy_process_group()
 
