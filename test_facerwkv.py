@@ -2,7 +2,7 @@
 FaceRWKV's tests. All of them run on a CPU-only machine; those that need a GPU, nvcc or NVRTC
 skip and say why.
 
-    python -m pytest -q test_facerwkv.py                  # everything, about a minute
+    python -m pytest -q test_facerwkv.py                  # everything
     python -m pytest -q test_facerwkv.py -k test_wkv      # one section
 
 Each section's tests are named test_<keyword>_..., so `-k test_<keyword>` selects exactly that
@@ -17,20 +17,28 @@ file a test writes goes under pytest's temporary folder (FACERWKV_CACHE included
   The model                                                            -k test_model
       the RWKV-4 and Vision-RWKV blocks against their papers' equations, with RWKV-LM's and
       Vision-RWKV's parameter names; RNN mode equals parallel mode; every variant (Vision-RWKV's
-      too) trains a step off the reference init; the ResNet50 stem; the config
+      too) trains a step off the reference init; the ResNet50 stem; the config; weight files
+      (a pickle that would run code runs nothing), the digest-checked private cache, the shared
+      transformer block against attention written out, run_rnn
   The Vision-RWKV mixer                  -k test_vrwkv  (every Vision-RWKV case, the model's too: -k vrwkv)
       Q-Shift against a loop; RWKV-4's init; sees the whole image; several grids; no RNN mode
   The data                                                             -k test_data
       every format (AffectNet's csv and numbered folders too); where each split comes from and
       the sanity subset; bad data; transforms and random erasing; balanced sampling; synthetic
-      faces and their cache
+      faces and their cache (a corrupt entry is rebuilt); the whole-batch transform equals the
+      image-by-image one, RNG draws included
   POSTER V2 and POSTER-RWKV                                            -k test_poster
       every stage's shape and the published 43.7 M at 224; the token mixers; weight files of
-      both IR-50 namings and MobileFaceNet's, the frozen landmark branch; the config
+      both IR-50 namings and MobileFaceNet's, the frozen landmark branch; the config; the
+      cross-attention and the whole forward at order-one weights against POSTER V2 written out;
+      POSTER V2's released checkpoint format (7 and 8 classes, class orders, errors name keys)
   train.py                                                             -k test_train
       the schedule and clipping; runs end to end; the best checkpoint; resume after a kill;
       evaluation, prediction, plots, the linear probe, clear errors; two processes; the
-      benchmark; the recipes (SAM by hand, the exp schedule, --recipe poster); POSTER runs
+      benchmark; the recipes (SAM by hand, the exp schedule, --recipe poster); POSTER runs;
+      one run per directory (a lock, refused reuse), checkpoints that supply only a model, torn
+      and truncated files survived, every numeric flag's range, a NaN loss stops the run;
+      POSTER V2 checkpoints for --eval-only and --predict, --init-from, --train-only
 """
 
 import argparse

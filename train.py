@@ -866,11 +866,22 @@ def train_only(model, patterns, log):
 
 @functools.lru_cache(maxsize=None)
 def free_cores():
-    """The default of --threads, decided once per process: the cores this process may use less the busy
-    ones (the 1-minute load average), shared by torchrun's processes on this machine."""
+    """The default of --threads: the cores this process may use, less those busy right now (processes
+    running or ready to run, sampled over 0.1 s, this one and torchrun's others excluded), shared by
+    torchrun's processes on this machine. An instantaneous count, unlike the load average, which
+    still reports a job a minute after it ended."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    cores //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(cores, cores - round(os.getloadavg()[0])))
+    procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    try:
+        runnable = []
+        for _ in range(5):
+            with open("/proc/loadavg") as f:  # "0.52 0.61 0.70 RUNNABLE/TOTAL LASTPID"
+                runnable.append(int(f.read().split()[3].split("/")[0]))
+            time.sleep(0.02)
+        busy = max(0, min(runnable) - procs)
+    except (OSError, ValueError, IndexError):  # no /proc (macOS): the 1-minute load average
+        busy = round(os.getloadavg()[0])
+    return max(1, (cores - busy) // procs)
 
 
 def log_settings(args, config, model, splits, world, device):
