@@ -462,7 +462,8 @@ def load_splits(args, config, draw_ahead=True):
 # -----------------------------------------------------------------------------
 # Files: the run directory, checkpoints and metrics. Each written whole (atomic_write) or not at all.
 
-RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "last-prev.pt", "best.pt", "test_metrics.json", "summary.json")
+RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "last-prev.pt", "best.pt", "test_metrics.json", "confusion.csv",
+             "summary.json")
 RESUME_ONLY = ("optimizer", "scheduler", "train_sums", "rng")  # in last.pt, not in best.pt
 
 
