@@ -82,9 +82,10 @@ from poster import (POSTERV2_CLASS_ORDER, LandmarkCrossAttention, PosterConfig, 
 # (of the torch RNN at T = 4096 and on the GPU). Errors are max|diff| / max|ref| (fp32 vs float64).
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True, scope="module")
 def private_cache(tmp_path_factory):
-    """The kernel build and the drawn-face cache go to a temporary folder, not ~/.cache."""
+    """The kernel build and the drawn-face cache go to a temporary folder, not ~/.cache (the whole
+    suite is this one module)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FACERWKV_CACHE", str(tmp_path_factory.mktemp("cache")))
         yield
@@ -3358,6 +3359,13 @@ def test_train_new_run_where_another_run_is_refused(tmp_path, capsys):
     before = {p.name: digest(p) for p in (tmp_path / "r").iterdir() if p.is_file()}
     expect_exit_2(capsys, [*TINY_ARGS, "--out", str(tmp_path), "--name", "r"], "--resume", "--name", "best.pt")
     assert {p.name: digest(p) for p in (tmp_path / "r").iterdir() if p.is_file()} == before
+
+
+def test_train_run_that_fails_before_writing_leaves_no_folder(tmp_path, capsys):
+    (tmp_path / "mine").mkdir()  # a folder that was there before stays
+    for out in (tmp_path / "new" / "runs", tmp_path / "mine"):
+        expect_exit_2(capsys, [*TINY_ARGS, "--out", str(out), "--name", "r", "--train-only", "mixr"], "mixr")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"] and not any((tmp_path / "mine").iterdir())
 
 
 def test_train_checkpoint_cannot_choose_the_run_mode_or_a_write_path(tmp_path, capsys):

@@ -472,6 +472,11 @@ def claim_run_dir(run_dir, resuming, rank, world):
     """Rank 0 holds an fcntl lock on RUN/train.lock for the run (dropped when the process ends);
     a new run is refused where another run's files are. Every rank raises the same error."""
     lock, problem = None, [None]  # a list: broadcast from rank 0 to every rank
+    new = None  # the outermost folder this call creates, removed again if the run writes nothing
+    if rank == 0 and not run_dir.exists():
+        new = run_dir
+        while not new.parent.exists():
+            new = new.parent
     if rank == 0:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -494,6 +499,12 @@ def claim_run_dir(run_dir, resuming, rank, world):
     finally:
         if lock:
             lock.close()
+        if new and run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {"train.lock"}:
+            (run_dir / "train.lock").unlink(missing_ok=True)  # failed before writing anything
+            for folder in [run_dir, *run_dir.parents][:len(run_dir.parts) - len(new.parts) + 1]:
+                if any(folder.iterdir()):
+                    break
+                folder.rmdir()
 
 
 def write_json(path, obj):
