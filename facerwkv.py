@@ -894,14 +894,13 @@ def _warn_fallback(problem):  # once per problem
 
 
 # Just enough CUDA for g++: the qualifiers vanish, threadIdx/blockIdx/blockDim/gridDim become
-# thread_local globals (so two Python threads may launch at once), and launch() runs every block
-# of a 1-D grid of one-thread blocks, shared out over n host threads (the calling thread is one).
-# Each CPU "thread" handles CPU_LANES adjacent channels, what a GPU warp does.
+# thread_local globals, and launch() runs every block of a 1-D grid of one-thread blocks, shared out
+# over n OpenMP threads: torch's own (libgomp is loaded once per process, so the kernels and torch's
+# ops share one pool of threads that are already running). Each CPU "thread" handles CPU_LANES
+# adjacent channels, what a GPU warp does.
 CPU_LANES = 64
 _CPU_SHIM = r"""
 #include <math.h>
-#include <thread>
-#include <vector>
 #ifdef WKV_VECTOR_EXP  // let g++ call glibc's vector expf (libmvec) inside vectorised loops
 #pragma omp declare simd notinbranch
 extern "C" float expf(float) noexcept;
@@ -915,15 +914,12 @@ static thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 template <typename Kernel>
 static void launch(int B, int C, int n, Kernel kernel) {
-    const unsigned int blocks = (unsigned int)((long long)B * ((C + WKV_LANES - 1) / WKV_LANES));
-    auto worker = [&](unsigned int first) {
-        gridDim.x = blocks, blockDim.x = 1, threadIdx.x = 0;
-        for (unsigned int b = first; b < blocks; b += n) { blockIdx.x = b; kernel(); }
-    };
-    std::vector<std::thread> pool;
-    for (int i = 1; i < n; i++) pool.emplace_back(worker, i);
-    worker(0);
-    for (auto& th : pool) th.join();
+    const int blocks = B * ((C + WKV_LANES - 1) / WKV_LANES);
+    #pragma omp parallel for num_threads(n) schedule(static)  // a serial loop where built without -fopenmp
+    for (int b = 0; b < blocks; b++) {
+        gridDim.x = blocks, blockDim.x = 1, threadIdx.x = 0, blockIdx.x = b;
+        kernel();
+    }
 }
 
 #define F const float*
@@ -942,15 +938,14 @@ extern "C" void cpu_biwkv_backward(int B, int T, int C, F w, F u, F k, F v, F y,
     launch(B, C, n, [&] { biwkv_backward(B, T, C, w, u, k, v, y, gy, gw, gu, gk, gv, work); });
 }
 """
-# Compiler flags, fastest first: native vector instructions with glibc's vector expf, then a
-# portable build. No -ffast-math: -ffinite-math-only (inputs are finite; the empty state is -1e38,
-# not -inf) and -fno-trapping-math (no FP exception is unmasked) let g++ turn the max trick's
-# selects into branch-free vector code.
-_CPU_BUILDS = (["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-ffinite-math-only",
-                "-fno-trapping-math", "-DWKV_VECTOR_EXP", "-lmvec"], ["-O3"])
-# Up to this many (batch, channel) x token steps a launch runs on the calling thread alone:
-# starting host threads costs more than they save, and they compete with torch's own threads.
-SERIAL_WORK = 1 << 21
+# Compiler flags, fastest first: torch's OpenMP threads and native vector instructions with glibc's
+# vector expf; then the same on one thread (a compiler without OpenMP); then a portable build. No
+# -ffast-math: -ffinite-math-only (inputs are finite; the empty state is -1e38, not -inf) and
+# -fno-trapping-math (no FP exception is unmasked) let g++ turn the max trick's selects into
+# branch-free vector code.
+_NATIVE = ["-O3", "-march=native", "-fno-math-errno", "-ffinite-math-only", "-fno-trapping-math",
+           "-DWKV_VECTOR_EXP", "-lmvec"]
+_CPU_BUILDS = (["-fopenmp"] + _NATIVE, ["-fopenmp-simd"] + _NATIVE, ["-O3"])
 
 
 def cpu_kernels():
@@ -973,7 +968,7 @@ def _cpu_build():
         cpu = platform.processor() + platform.machine()
     errors = []
     for flags in _CPU_BUILDS:
-        cmd = ["-std=c++17", "-shared", "-fPIC", "-pthread", f"-DWKV_LANES={CPU_LANES}"] + flags
+        cmd = ["-std=c++17", "-shared", "-fPIC", f"-DWKV_LANES={CPU_LANES}"] + flags
         key = hashlib.sha256("\n".join([shim, Path(WKV_CU).read_text(), cxx, *cmd, cpu]).encode()).hexdigest()[:16]
 
         def build(out):
@@ -1014,8 +1009,8 @@ def _launch(kernel, k, *tensors):
     B, T, C = k.shape
     tensors += (k.new_empty(BIWKV_WORK * k.numel()),) if kernel.startswith("biwkv") else ()
     if not k.is_cuda:
-        n_workers = 1 if B * T * C <= SERIAL_WORK else torch.get_num_threads()
-        return getattr(cpu_kernels(), "cpu_" + kernel)(B, T, C, *(t.data_ptr() for t in tensors), n_workers)
+        return getattr(cpu_kernels(), "cpu_" + kernel)(B, T, C, *(t.data_ptr() for t in tensors),
+                                                       torch.get_num_threads())
     import cupy
     with cupy.cuda.Device(k.device.index), cupy_stream(cupy, torch.cuda.current_stream(k.device)):
         args = [np.int32(B), np.int32(T), np.int32(C)] + [cupy.from_dlpack(t) for t in tensors]  # zero-copy
