@@ -50,7 +50,6 @@ import io
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -3583,31 +3582,3 @@ def test_train_only_leaves_every_frozen_tensor_bit_identical(tmp_path, monkeypat
     out = capsys.readouterr().out
     assert "parameters trainable" in out and "not --resume" in out
     expect_exit_2(capsys, [*TINY_ARGS, "--train-only", "mixr"], "mixr names no parameter", "blocks")
-
-
-
-FREED_MEMORY_CHECK = """
-import resource, torch, train
-from facerwkv import FaceRWKV, FaceRWKVConfig
-train.keep_freed_memory()
-torch.manual_seed(0)
-model = FaceRWKV(FaceRWKVConfig.preset("small", img_size=(36, 48), patch_size=12))  # the demo's
-images, labels = torch.randn(64, 3, 36, 48), torch.randint(0, 7, (64,))
-def step():
-    torch.nn.functional.cross_entropy(model(images), labels).backward()
-for _ in range(6): step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5): step()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-                    reason="keep_freed_memory() sets glibc's malloc; elsewhere it does nothing")
-def test_train_keeps_freed_memory_for_the_next_step():
-    """After keep_freed_memory() (what main() calls first) a demo training step reuses the memory
-    the step before freed: under 400 page faults per step (0-230 seen), where glibc's default hands
-    the memory back to the OS and every step faults 1,000-3,600 pages in again. In a fresh process: the
-    suite's own has called main()."""
-    out = subprocess.run([sys.executable, "-c", FREED_MEMORY_CHECK], cwd=HERE, capture_output=True, text=True)
-    assert out.returncode == 0 and float(out.stdout) < 400, out

@@ -29,7 +29,6 @@ it the recipe, stays that of --batch-size whatever the number of processes.
 import argparse
 import contextlib
 import csv
-import ctypes
 import dataclasses
 import fcntl
 import functools
@@ -897,19 +896,6 @@ def free_cores():
     return max(1, (cores - busy) // procs)
 
 
-def keep_freed_memory():
-    """Let glibc's malloc keep the memory a training step frees, for the next step to reuse. By default
-    it returns freed heap to the OS once a few MB sit free, so every step page-faults its activations
-    back in (about 700 faults per step of the demo, ~1 ms of a 30 ms step on a 2-core VM). Keep up to
-    256 MiB free, and serve allocations up to 32 MiB from the heap; bigger ones (whole datasets) are
-    still mapped and unmapped on their own. Off glibc (macOS, musl) there is no mallopt: nothing happens."""
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform.startswith("linux") else None
-    if mallopt:
-        mallopt(M_TRIM_THRESHOLD, 256 << 20)
-        mallopt(M_MMAP_THRESHOLD, 32 << 20)
-
-
 def log_settings(args, config, model, splits, world, device):
     """Every setting, by the --help groups; the data; the parameters per part of the model (Table 4)."""
     demo = " (demo defaults: no --data, built-in synthetic faces at reduced resolution)" if args.data is None else ""
@@ -1357,7 +1343,6 @@ def main(argv=None):
     """Entry point; returns a summary dict. User errors print one line and exit with status 2."""
     try:
         args, ckpt = parse_args(argv)
-        keep_freed_memory()
         args.threads = args.threads or free_cores()
         torch.set_num_threads(args.threads)
         if args.count_params:
