@@ -13,7 +13,8 @@ file a test writes goes under pytest's temporary folder (FACERWKV_CACHE included
       the references: each formula summed term by term, a float64 numpy RNN, the torch RNN;
       wkv.cu on the CPU (g++ behind a CUDA shim) and the torch fallback: output and gradients,
       T = 1 to 4096; the kernels called directly; the rules and the ABI of wkv.cu; the nvcc and
-      NVRTC builds and a CUDA device; the runtimes (cupy streams, backends, two threads)
+      NVRTC builds and a CUDA device; the runtimes (cupy streams, backends, two Python threads,
+      torch's OpenMP threads)
   The model                                                            -k test_model
       the RWKV-4 and Vision-RWKV blocks against their papers' equations, with RWKV-LM's and
       Vision-RWKV's parameter names; RNN mode equals parallel mode; every variant (Vision-RWKV's
