@@ -895,9 +895,10 @@ def _warn_fallback(problem):  # once per problem
 
 # Just enough CUDA for g++: the qualifiers vanish, threadIdx/blockIdx/blockDim/gridDim become
 # thread_local globals, and launch() runs every block of a 1-D grid of one-thread blocks, shared out
-# over n OpenMP threads: torch's own (libgomp is loaded once per process, so the kernels and torch's
-# ops share one pool of threads that are already running). Each CPU "thread" handles CPU_LANES
-# adjacent channels, what a GPU warp does.
+# over n = torch.get_num_threads() OpenMP threads. Where torch runs on libgomp (its Linux builds)
+# these are torch's own threads, already running: a process loads libgomp once, so the kernels and
+# torch's ops share one pool. Each CPU "thread" handles CPU_LANES adjacent channels, what a GPU warp
+# does.
 CPU_LANES = 64
 _CPU_SHIM = r"""
 #include <math.h>
