@@ -507,29 +507,30 @@ def test_wkv_two_python_threads_calling_the_kernels_at_once():
     assert not errors, f"concurrent calls differ from serial ones: jobs {sorted(set(errors))}"
 
 
-
 @requires_cxx
 def test_wkv_cpu_kernels_on_torch_threads_equal_one_thread():
     """The g++ build shares a launch's (batch, channel-group) blocks out over torch's OpenMP threads:
     outputs and all four gradients are bit-identical on 1 and 2 threads (blocks are independent, the
     block index is per thread), and the process holds a single OpenMP runtime, torch's."""
     threads = torch.get_num_threads()
-    for op in (facerwkv.wkv, facerwkv.biwkv):
-        xs, gy = make_bi_inputs(5, 37, 300, seed=3)  # 5 x 5 blocks of up to 64 channels
-        xs[0] = xs[0].abs() if op is facerwkv.wkv else xs[0]  # WKV's decay rate is positive
-        results = []
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            leaves = [x.clone().requires_grad_() for x in xs]
-            y = op(*leaves, backend="kernel")
-            y.backward(gy)
-            results.append([y.detach()] + [x.grad for x in leaves])
+    try:
+        for op in (facerwkv.wkv, facerwkv.biwkv):
+            xs, gy = make_bi_inputs(5, 37, 300, seed=3)  # 5 x 5 blocks of up to 64 channels
+            xs[0] = xs[0].abs() if op is facerwkv.wkv else xs[0]  # WKV's decay rate is positive
+            results = []
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                leaves = [x.clone().requires_grad_() for x in xs]
+                op(*leaves, backend="kernel").backward(gy)
+                results.append([op(*xs, backend="kernel")] + [x.grad for x in leaves])
+            assert all(torch.equal(a, b) for a, b in zip(*results)), op.__name__
+    finally:
         torch.set_num_threads(threads)
-        assert all(torch.equal(a, b) for a, b in zip(*results)), op.__name__
     if os.path.exists("/proc/self/maps"):
         with open("/proc/self/maps") as f:
             runtimes = {line.split()[-1] for line in f if "libgomp" in line or "libomp" in line}
         assert len(runtimes) <= 1, runtimes
+
 
 # ---- The model (-k test_model) -------------------------------------------------------------------
 # 40x60 images with 10x10 patches: a 4x6 grid, T = 24. Hybrid: stem map 10x15, 5x5 patches, T = 6.
