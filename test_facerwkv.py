@@ -2157,10 +2157,11 @@ def test_data_affectnet_missing_csv_is_named(tmp_path, missing):
         assert "folder" not in str(e.value) and "\n" not in str(e.value)
 
 
-# ---- the whole-batch transform equals the image-by-image one it replaced -------------------------
+# ---- the whole-batch transform equals the same transform applied image by image ------------------
 
 def reference_random_erase(x, p, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0.0):
-    """Image-by-image random erasing, as the data pipeline had it before batching."""
+    """Random erasing of one image, torchvision's RandomErasing written out: the reference the
+    whole-batch path is held to, RNG draws included."""
     if p <= 0 or not torch.rand(1) < p:
         return x
     H, W = x.shape[-2:]
