@@ -13,14 +13,16 @@ under pytest's temporary folders.
       the schedule and clipping; runs end to end; the best checkpoint; resume after a kill;
       evaluation, prediction, plots, the linear probe, clear errors; two processes; the
       benchmark; the recipes (SAM by hand, the exp schedule, --recipe poster); POSTER runs;
-      one run per directory (a lock, refused reuse), checkpoints that supply only a model, torn
-      and truncated files survived, every numeric flag's range, a NaN loss stops the run;
+      one run per directory (a lock, refused reuse), checkpoints that supply only a model,
+      every numeric flag's range, a NaN loss stops the run; stopped by a signal and resumed
+      exactly; a run never checkpointed starts again; resume checks its data; one-line errors;
       POSTER V2 checkpoints for --eval-only and --predict, --init-from, --train-only
 """
 
 import argparse
 import contextlib
 import copy
+import errno
 import hashlib
 import io
 import json
@@ -28,6 +30,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -1091,7 +1094,8 @@ def expect_exit_2(capsys, argv, *words):
         train.main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and all(w in err for w in words), err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and all(w in err for w in words), err
+    return err
 
 
 def torchrun(*argv, nproc=2):
@@ -1533,7 +1537,7 @@ def test_train_vrwkv_mixer_and_count_params_with_poster_rows(tmp_path, capsys, m
 
 # ---- train.py: one run per directory, checkpoints supply only a model, bad values by flag --------
 # train.py: a run directory belongs to one run; a checkpoint supplies a model, never actions or
-# paths; torn and truncated files are survived; every numeric flag refuses bad values by name; a
+# paths; every numeric flag refuses bad values by name; a
 # non-finite loss stops the run. (-k test_train)
 
 
@@ -1566,7 +1570,6 @@ def test_train_second_run_into_a_busy_directory_is_refused_and_the_first_is_inta
 def test_train_new_run_where_another_run_is_refused(tmp_path, capsys):
     run(tmp_path, "r", "--epochs", "1")
     (tmp_path / "r" / "last.pt").unlink()
-    (tmp_path / "r" / "last-prev.pt").unlink(missing_ok=True)
     before = {p.name: digest(p) for p in (tmp_path / "r").iterdir() if p.is_file()}
     expect_exit_2(capsys, [*TINY_ARGS, "--out", str(tmp_path), "--name", "r"], "--resume", "--name", "best.pt")
     assert {p.name: digest(p) for p in (tmp_path / "r").iterdir() if p.is_file()} == before
@@ -1647,31 +1650,6 @@ def test_train_non_finite_loss_stops_the_run_with_the_last_checkpoint_intact(tmp
     expect_exit_2(capsys, [*TINY_ARGS, "--out", str(tmp_path), "--name", "huge", "--lr", "1e30"], "the loss is")
 
 
-def test_train_torn_metrics_row_is_dropped_on_resume_and_plot(tmp_path, capsys):
-    run(tmp_path, "r", "--epochs", "2", "--stop-after-steps", "4")  # last.pt at step 3, one row
-    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:
-        f.write('{"epoch": 2, "step": 6, "train_lo')
-    train.main(["--plot", str(tmp_path / "r"), "--plot-out", str(tmp_path / "p.png")])
-    assert "torn" in capsys.readouterr().out
-    train.main(["--resume", str(tmp_path / "r")])
-    rows = [json.loads(r) for r in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2]
-
-
-def test_train_truncated_last_pt_falls_back_to_the_previous_one(tmp_path, capsys):
-    common = ["--epochs", "3"]
-    full = run(tmp_path, "full", *common)
-    run(tmp_path, "t", *common, "--stop-after-steps", "7")  # last.pt at step 6, last-prev.pt at step 3
-    last = tmp_path / "t" / "last.pt"
-    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
-    resumed = train.main(["--resume", str(tmp_path / "t")])
-    assert "last-prev.pt" in capsys.readouterr().out
-    assert resumed["steps"] == full["steps"] == 9 and resumed["test_acc"] == full["test_acc"]
-    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
-    b = torch.load(last, weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
 def test_train_mismatches_are_named_in_one_line(tmp_path, capsys):
     run(tmp_path, "r", "--epochs", "1")
     expect_exit_2(capsys, ["--resume", str(tmp_path / "r"), "--experiment", "poster-small"],
@@ -1681,6 +1659,158 @@ def test_train_mismatches_are_named_in_one_line(tmp_path, capsys):
     expect_exit_2(capsys, [*TINY_ARGS, "--out", str(tmp_path / "file")], "--out", "is a file")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     expect_exit_2(capsys, ["--eval-only", str(tmp_path / "junk.pt")], "junk.pt")
+
+
+# ---- train.py: one run lifecycle (stop and continue, run folders, resume checks, one error boundary) ----
+
+def signal_at_step(monkeypatch, at, signum=signal.SIGINT, twice=False):
+    """train_step sends this process `signum` during step `at` (twice: a second one at once after it)."""
+    real, calls = train.train_step, []
+
+    def step(*a, **k):
+        calls.append(1)
+        if len(calls) == at:
+            os.kill(os.getpid(), signum)
+            if twice:
+                os.kill(os.getpid(), signum)
+        return real(*a, **k)
+    monkeypatch.setattr(train, "train_step", step)
+
+
+@pytest.mark.parametrize("signum, code, at", [(signal.SIGINT, 130, 5), (signal.SIGTERM, 143, 3)])
+def test_train_stopped_by_a_signal_saves_says_how_to_continue_and_resumes_exactly(tmp_path, capsys, monkeypatch,
+                                                                                   signum, code, at):
+    """Ctrl-C or SIGTERM mid-run (3 steps per epoch: step 5 is mid-epoch, step 3 an epoch's end): the
+    step finishes, last.pt is written, one line names the command that continues it, exit 128 + N;
+    resumed, the run ends with the weights and metrics of a run never stopped."""
+    full = run(tmp_path, "full", "--epochs", "3")
+    signal_at_step(monkeypatch, at, signum)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "s", "--epochs", "3")
+    err = capsys.readouterr().err
+    assert e.value.code == code and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"python train.py --resume {tmp_path / 's'}" in err and signal.Signals(signum).name in err
+    assert torch.load(tmp_path / "s" / "last.pt", weights_only=True)["step"] == at
+    monkeypatch.undo()
+    resumed = train.main(["--resume", str(tmp_path / "s")])
+    assert resumed["steps"] == full["steps"] and resumed["test_acc"] == full["test_acc"]
+    a, b = (torch.load(tmp_path / n / "last.pt", weights_only=True)["model"] for n in ("full", "s"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda n: [{k: v for k, v in json.loads(r).items() if k != "epoch_time_s"}  # noqa: E731
+                       for r in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+    assert strip("full") == strip("s")
+
+
+def test_train_second_ctrl_c_stops_at_once_and_a_run_never_checkpointed_starts_again(tmp_path, capsys, monkeypatch):
+    """Two Ctrl-C in the first step: it stops at once, before any checkpoint. The folder holds the run's
+    settings but no checkpoint, so it is no run: --resume starts it from its settings, and so does
+    the same command."""
+    signal_at_step(monkeypatch, 1, twice=True)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "r", "--epochs", "1", "--seed", "3")
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "before the first checkpoint" in err and "--resume" in err, err
+    assert not (tmp_path / "r" / "last.pt").exists() and (tmp_path / "r" / "config.json").is_file()
+    monkeypatch.undo()
+    result = train.main(["--resume", str(tmp_path / "r")])
+    assert result["steps"] == 3 and json.loads((tmp_path / "r" / "config.json").read_text())["args"]["seed"] == 3
+    run(tmp_path, "x", "--epochs", "1", "--stop-after-steps", "1")  # stopped before its first checkpoint
+    assert run(tmp_path, "x", "--epochs", "1")["steps"] == 3      # the same command starts it again
+
+
+def test_train_resume_refuses_other_data_and_a_changed_schedule(tmp_path, capsys):
+    """--resume checks the data by content (images added: the split and the order would change) and
+    refuses a flag that would change the run's schedule, each in one line that says what differs."""
+    root = tmp_path / "faces"
+    for c, color in zip("abc", COLORS):
+        for i in range(6):
+            write_img(str(root / c / f"{i}.png"), color)
+    common = ["--data", str(root), "--epochs", "2", "--stop-after-steps", "1"]
+    run(tmp_path, "r", *common, "--save-every-steps", "1")
+    write_img(str(root / "a" / "new.png"), COLORS[0])
+    expect_exit_2(capsys, ["--resume", str(tmp_path / "r")], "not what this run trained on", "train:", "--init-from")
+    expect_exit_2(capsys, ["--resume", str(tmp_path / "r"), "--epochs", "40"], "epochs=2 (checkpoint) vs 40",
+                  "--init-from")
+
+
+def test_train_workers_follow_the_free_cores(monkeypatch):
+    """Without --workers: no data workers on a 2-core machine (torch's warning never fires), a few on a
+    big one; --workers N overrides."""
+    seen = []
+    monkeypatch.setattr(train, "count_params", lambda args: seen.append(args.workers))
+    for cores, argv, want in ((2, [], 0), (3, [], 1), (16, [], 4), (2, ["--workers", "3"], 3)):
+        monkeypatch.setattr(train, "free_cores", lambda: cores)
+        train.main(["--count-params", *argv])
+        assert seen.pop() == want
+
+
+def test_train_eta_is_the_runs_own_rate_over_every_step(tmp_path, monkeypatch, capsys):
+    """A clock that advances 1 s per step and 1 s per validation (3 steps per epoch): from the first
+    step of the second epoch on, every eta printed is within 25 % of the time actually left."""
+    clock = [1000.0]
+    monkeypatch.setattr(train.time, "time", lambda: clock[0])
+    real_step, real_eval = train.train_step, train.evaluate
+
+    def step(*a, **k):
+        clock[0] += 1.0
+        return real_step(*a, **k)
+
+    def evaluate(*a, **k):
+        clock[0] += 1.0
+        return real_eval(*a, **k)
+    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    run(tmp_path, "r", "--epochs", "4")
+    end = clock[0] - 1.0  # the test evaluation is not training time
+    lines = [line for line in capsys.readouterr().out.splitlines() if " eta " in line]
+    etas = [(int(re.search(r"step (\d+)/", ln)[1]), int(re.search(r"eta (\d+)m(\d+)s", ln)[1]) * 60
+             + int(re.search(r"eta (\d+)m(\d+)s", ln)[2])) for ln in lines]
+    for step_, eta in etas:
+        if step_ > 3:  # after the first epoch; step s ended at 1000 + s + (epochs validated)
+            left = end - (1000 + step_ + (step_ - 1) // 3)
+            assert abs(eta - left) <= 0.25 * left + 1, (step_, eta, left)
+
+
+ONE_LINE_ERRORS = [  # (what goes wrong, argv after TINY_ARGS, the words the one line must hold)
+    ("a name with a slash", ["--name", "../x"], ["--name", "one folder under --out"]),
+    ("an absolute name", ["--name", "/tmp/x"], ["--name", "one folder under --out"]),
+    ("a name too long for a folder", ["--name", "x" * 300], ["--name", "255 bytes"]),
+]
+
+
+@pytest.mark.parametrize("what, argv, words", ONE_LINE_ERRORS, ids=[c[0] for c in ONE_LINE_ERRORS])
+def test_train_user_errors_are_one_line(tmp_path, capsys, what, argv, words):
+    expect_exit_2(capsys, [*TINY_ARGS, "--out", str(tmp_path), *argv], *words)
+    assert not any(tmp_path.iterdir()) and not (tmp_path.parent / "x").exists()
+
+
+def test_train_a_full_disk_is_one_line_and_the_checkpoint_before_it_intact(tmp_path, capsys, monkeypatch):
+    """The disk fills up while last.pt is written at the end of epoch 2: one line that names the file
+    and says what to do, exit 2; epoch 1's last.pt is intact."""
+    real, writes = train.atomic_write, []
+
+    def write(path, data):
+        writes.append(Path(path).name)
+        if writes.count("last.pt") == 2 and Path(path).name == "last.pt":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data)
+    monkeypatch.setattr(train, "atomic_write", write)
+    expect_exit_2(capsys, [*TINY_ARGS, "--out", str(tmp_path), "--name", "r", "--epochs", "3"],
+                  "last.pt", "No space left", "free some space")
+    assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["step"] == 3
+
+
+def test_train_bad_image_in_a_data_worker_is_one_line(tmp_path, capsys):
+    """An image that passes indexing but cannot be decoded, read by a DataLoader worker: one line
+    naming the file, not the worker's wrapped traceback."""
+    root = tmp_path / "faces"
+    for c, color in zip("abc", COLORS):
+        for i in range(6):
+            write_img(str(root / c / f"{i}.png"), color)
+    good = (root / "a" / "0.png").read_bytes()
+    (root / "a" / "0.png").write_bytes(good[: len(good) // 2])  # the header reads, the pixels do not
+    expect_exit_2(capsys, [*TINY_ARGS, "--data", str(root), "--workers", "1", "--out", str(tmp_path), "--name", "r"],
+                  str(root / "a" / "0.png"))
 
 
 # ---- POSTER V2's checkpoints as they are; --init-from; --train-only --------------------------------
@@ -1710,9 +1840,10 @@ def test_train_predict_and_eval_only_read_a_posterv2_checkpoint(tmp_path, monkey
     assert list(probs) == list(data.CLASSES) and ref.max() < 0.999
     assert all(abs(probs[c] - ref[order.index(c)].item()) < 1e-5 for c in data.CLASSES)
     assert "0 Surprise -> 6" in capsys.readouterr().out  # RAF-DB's label 1 is the project's 7th class
-    argv = ["--eval-only", str(path), "--synthetic-size", "1", "1", "--batch-size", "7", "--workers", "0", "--out", str(tmp_path / "e")]
+    expect_exit_2(capsys, ["--eval-only", str(path), "--synthetic-size", "1", "1"], "--dataset rafdb")
+    rafdb = make_rafdb(tmp_path / "raf", n_train=1, n_test=1)
+    argv = ["--eval-only", str(path), "--data", rafdb, "--batch-size", "7", "--workers", "0", "--out", str(tmp_path / "e")]
     result = train.main(argv)
-    assert "assuming RAF-DB's class order" in capsys.readouterr().out
     args, _ = train.parse_args(argv)
     images, labels = map(torch.stack, zip(*[(x, torch.tensor(y)) for x, y in
                                              train.load_splits(args, source.config, draw_ahead=False).test]))
@@ -1731,13 +1862,14 @@ def test_train_predict_with_an_8_class_posterv2_checkpoint(tmp_path, monkeypatch
         ref = source(data.load_image(img, (224, 224), normalize=True)[None]).softmax(1)[0]
     assert list(probs) == [*data.CLASSES, "Contempt"]
     assert all(abs(probs[c] - ref[order.index(c)].item()) < 1e-5 for c in probs)
-    expect_exit_2(capsys, ["--eval-only", str(path), "--synthetic-size", "1", "1"], "8 classes, the data 7")
+    result = train.main(["--eval-only", str(path), "--synthetic-size", "1", "1", "--out", str(tmp_path)])
+    assert result["n"] == 7 and len(result["test_confusion"]) == 8 and sum(result["test_confusion"][7]) == 0
 
 
 def test_train_init_from_posterv2_into_poster_rwkv_loads_all_but_the_mixer(tmp_path, monkeypatch, capsys):
     source, path = posterv2_file(tmp_path, monkeypatch)
     model = PosterRWKV(PosterConfig.preset("poster-rwkv"))
-    loaded = train.init_from(model, path, argparse.Namespace(dataset="caer-s", data=None), print)
+    loaded = train.init_from(model, path, argparse.Namespace(dataset="caer-s", data=None), data.CLASSES, print)
     own = model.state_dict()
     assert loaded == {k for k in own if not k.startswith("mixer.")} and len(own) - len(loaded) == 40  # 2 RWKV blocks
     out = capsys.readouterr().out

@@ -30,16 +30,20 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import errno
 import fcntl
 import functools
 import gc
+import hashlib
 import io
 import json
 import math
 import multiprocessing
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -108,10 +112,11 @@ MODEL_KEYS = ("size", "experiment", "img_size", "linear_probe", *MODEL_FLAGS)
 # what a checkpoint supplies to --resume / --eval-only: its model, data and recipe. Never a run mode
 # or a place to write (those describe this process), nor weight files (the weights are in it).
 CARRIED = (*MODEL_KEYS, "data", "dataset", "affectnet_classes", "crop_face", "val_fraction", "sanity",
-           "skip_bad_images", "synthetic_size", "workers", "recipe", "epochs", "batch_size", "optimizer",
+           "skip_bad_images", "synthetic_size", "recipe", "epochs", "batch_size", "optimizer",
            "sam_rho", "lr", "schedule", "warmup_epochs", "lr_gamma", "clip", "weight_decay", "hflip",
            "random_erasing", "erasing_scale", "balanced_sampler", "seed", "amp", "log_every", "save_every_steps",
            "train_only")
+RESUME_MAY_CHANGE = ("data", "log_every", "save_every_steps")  # a resumed run checks its data by content
 BENCH_METHODS = ("rwkv-block", "vrwkv-block", "transformer-block", "rwkv-model", "transformer-model", "rwkv-rnn")
 
 
@@ -150,13 +155,38 @@ NON_NEGATIVE, PROBABILITY = number(float, 0), number(float, 0, 1)
 SEED = number(int, 0, 2 ** 32 - 1)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every default (a preset's or the demo's where it sets one) and the examples as written."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=30, width=110)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in text or action.nargs == 0:
+            return text
+        return text + " (default: %(default)s)"
+
+
+EXAMPLES = """
+examples:
+  python train.py                                             the demo: built-in synthetic faces, about a minute
+  python train.py --data CAER-S --experiment table2-small     a paper experiment (list above)
+  python train.py --data ~/faces --name mine                  your own folder tree: ~/faces/<class>/*.jpg
+  python train.py --resume runs/mine                          continue a stopped run (Ctrl-C saves it)
+  python train.py --eval-only runs/mine/best.pt --data ~/other   test metrics, classes matched by name
+  python train.py --predict photos/ --ckpt runs/mine/best.pt --predict-out predictions.csv
+  python train.py --plot runs/mine runs/demo-20261206-101500
+"""
+
+
 def build_parser():
     p = Parser(description="Train / evaluate FaceRWKV (RWKV-4 for facial expression recognition). Defaults are the "
                f"paper's; with no --data: the demo (synthetic faces at {DEMO['img_size'][0]}x{DEMO['img_size'][1]}, "
-               f"patch {DEMO_PATCH['none']}, {DEMO['epochs']} epochs, no data workers).",
-               formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=34),
+               f"patch {DEMO_PATCH['none']}, {DEMO['epochs']} epochs).", formatter_class=HelpFormatter,
                epilog="experiments (section 5; each sets defaults that explicit flags override):\n" + "\n".join(
-                   f"  {name:<24} {' '.join(f'{k}={v}' for k, v in s.items())}" for name, s in EXPERIMENTS.items()))
+                   f"  {name:<24} {' '.join(f'{k}={v}' for k, v in s.items())}" for name, s in EXPERIMENTS.items())
+               + "\n" + EXAMPLES)
     B, add = argparse.BooleanOptionalAction, None
 
     def group(title, description=None):
@@ -168,74 +198,76 @@ def build_parser():
         help="small 2x128, medium 4x256, large 6x512, hybrid (large on the ResNet50 stem), or a POSTER preset")
     add("--n-layer", type=POSITIVE_INT, help="number of RWKV blocks")
     add("--n-embd", type=POSITIVE_INT, help="embedding width d")
-    add("--dim-att", type=POSITIVE_INT, help="time-mix width (default d)")
-    add("--dim-ffn", type=POSITIVE_INT, help="channel-mix hidden width (default 4d)")
-    add("--n-head", type=POSITIVE_INT, help="heads of the transformer mixer (default d/64)")
-    add("--patch-size", type=POSITIVE_INT, help="P x P patches (default 20; 5 for hybrid)")
+    add("--dim-att", type=POSITIVE_INT, help="time-mix width (preset: d)")
+    add("--dim-ffn", type=POSITIVE_INT, help="channel-mix hidden width (preset: 4d)")
+    add("--n-head", type=POSITIVE_INT, help="heads of the transformer mixer (preset: d/64)")
+    add("--patch-size", type=POSITIVE_INT, help="P x P patches (preset: 20; 5 for hybrid; demo 12)")
     add("--img-size", type=POSITIVE_INT, nargs=2, metavar=("H", "W"), default=data.DEFAULT_IMG_SIZE,
-        help="images are resized to H x W (default 400 600)")
+        help="images are resized to H x W")
     add("--backbone", choices=("none", "resnet50"), help="resnet50: patches of the ResNet50 stem's map")
     add("--backbone-weights", metavar="PATH", help="torchvision resnet50 state dict for the stem")
     add("--freeze-backbone", action=B, help="do not train the stem")
-    add("--imagenet-norm", action=B, help="normalise inputs with the ImageNet mean/std (default on)")
+    add("--imagenet-norm", action=B, help="normalise inputs with the ImageNet mean/std (preset: on)")
     add("--pos-emb", action=B, help="learned positional embedding")
     add("--pool", choices=("last", "mean", "cls"), help="classify the last token (paper), the mean, or cls (POSTER)")
-    add("--head", choices=("mlp", "linear"), help="classifier head (default mlp)")
+    add("--head", choices=("mlp", "linear"), help="classifier head (preset: mlp)")
     add("--mixer", choices=("rwkv", "vrwkv", "transformer", "identity"),
         help="token mixer: rwkv, vrwkv (Vision-RWKV), transformer (comparison), identity ('w/o RWKV')")
     add("--ir50-weights", metavar="PATH", help="POSTER: ArcFace IR-50 state dict (ir50.pth)")
     add("--landmark-weights", metavar="PATH", help="POSTER: MobileFaceNet checkpoint; the branch is then frozen")
     add("--linear-probe", action="store_true", help="a linear classifier on the raw pixels instead (a baseline)")
     add("--init-from", metavar="CKPT", help="start from the tensors of CKPT (POSTER V2's or a best.pt/last.pt) that "
-        "fit; not --resume")
+        "fit, the classifier's rows matched by class name; not --resume")
     add("--train-only", metavar="PATTERN[,PATTERN]", help="train only the parameters these name (e.g. mixer,head)")
 
     group("data (section 3)")
     add("--data", metavar="PATH", help="dataset root or file; unset: built-in synthetic faces (demo)")
     add("--dataset", default="auto", choices=("auto", "caer-s", "folder", "rafdb", "fer2013", "affectnet", "synthetic"),
-        help="dataset format (default: auto-detect); for a POSTER V2 checkpoint, whose class order")
+        help="dataset format; also names the dataset a POSTER V2 checkpoint was trained on (its class order), and "
+        "reads numbered class folders as that dataset's labels (rafdb 1-7, affectnet 0-7)")
     add("--affectnet-classes", type=int, choices=(7, 8), default=7, help="AffectNet-7 or AffectNet-8 (+ Contempt)")
     add("--crop-face", action=B, default=False, help="AffectNet csv: crop each image to its face box")
     add("--val-fraction", type=number(float, 0, 1, hi_open=True), default=0.1,
-        help="share of train held out for validation when there is no val split (default 0.1)")
+        help="share of train held out for validation when there is no val split")
     add("--sanity", type=POSITIVE_INT, metavar="N", help="use only N images per class (the sanity check)")
     add("--skip-bad-images", action="store_true", help="skip unreadable images instead of stopping")
     add("--synthetic-size", type=POSITIVE_INT, nargs=2, metavar=("TRAIN", "TEST"), default=data.SYNTHETIC_SIZE,
-        help=f"synthetic faces per class (default {data.SYNTHETIC_SIZE[0]} {data.SYNTHETIC_SIZE[1]})")
-    add("--workers", type=COUNT, default=4, help="data loading processes per training process (default 4; demo 0)")
+        help="synthetic faces per class")
+    add("--workers", type=COUNT, metavar="N", help="data loading processes per training process (default: by the free cores, "
+        "0 on a 2-core machine)")
 
     group("recipe (section 5.1; --recipe poster: POSTER V2's)")
-    add("--recipe", default="paper", choices=("paper", "poster"), help="defaults of this group (default: paper)")
-    add("--epochs", type=POSITIVE_INT, default=RECIPE["epochs"], help="default 25 (Table 2)")
-    add("--batch-size", type=POSITIVE_INT, default=RECIPE["batch_size"], help="global batch (default 64)")
+    add("--recipe", default="paper", choices=("paper", "poster"), help="defaults of this group")
+    add("--epochs", type=POSITIVE_INT, default=RECIPE["epochs"], help="epochs (Table 2: 25)")
+    add("--batch-size", type=POSITIVE_INT, default=RECIPE["batch_size"], help="global batch")
     add("--optimizer", choices=("adam", "sam"), default=RECIPE["optimizer"], help="adam, or SAM around Adam")
-    add("--sam-rho", type=POSITIVE, default=0.05, help="radius of SAM's ascent step (default 0.05)")
+    add("--sam-rho", type=POSITIVE, default=0.05, help="radius of SAM's ascent step")
     add("--lr", type=POSITIVE, default=RECIPE["lr"], help="peak learning rate of Adam(0.9, 0.999)")
     add("--schedule", choices=("cosine", "exp"), default=RECIPE["schedule"],
         help="cosine to 0 per step after the warm-up, or exp: lr x lr_gamma per epoch")
     add("--warmup-epochs", type=NON_NEGATIVE, default=RECIPE["warmup_epochs"], help="linear warm-up from 0.1 x lr")
     add("--lr-gamma", type=number(float, 0, 1, lo_open=True), default=RECIPE["lr_gamma"], help="decay of exp")
-    add("--clip", type=NON_NEGATIVE, default=RECIPE["clip"], help="max gradient norm, 0 = off (default 1)")
-    add("--weight-decay", type=NON_NEGATIVE, default=RECIPE["weight_decay"], help="Adam weight decay (default 0)")
+    add("--clip", type=NON_NEGATIVE, default=RECIPE["clip"], help="max gradient norm, 0 = off")
+    add("--weight-decay", type=NON_NEGATIVE, default=RECIPE["weight_decay"], help="Adam weight decay")
     add("--hflip", action=B, default=RECIPE["hflip"], help="random horizontal flips (the paper: none)")
     add("--random-erasing", type=PROBABILITY, default=RECIPE["random_erasing"], metavar="P",
-        help="erase a random rectangle with probability P (default 0)")
+        help="erase a random rectangle with probability P")
     add("--erasing-scale", type=number(float, 0, 1, lo_open=True, hi_open=True), nargs=2,
-        default=RECIPE["erasing_scale"], metavar=("LO", "HI"), help="erased share of the image (default 0.02 0.33)")
+        default=RECIPE["erasing_scale"], metavar=("LO", "HI"), help="erased share of the image")
     add("--balanced-sampler", action=B, default=RECIPE["balanced_sampler"], help="every class equally likely")
 
     group("run")
     add("--experiment", choices=tuple(EXPERIMENTS), metavar="NAME", help="preset of a paper experiment (list below)")
     add("--seed", type=SEED, default=0, help="seeds init, data split and data order")
     add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if available")
-    add("--threads", type=COUNT, default=0, help="torch's CPU threads (default 0: the cores not busy over the "
-        "last minute; on a shared machine set e.g. 1)")
+    add("--threads", type=COUNT, default=0, help="torch's CPU threads; 0: the cores free right now")
     add("--amp", default="none", choices=("none", "bf16"), help="bf16 autocast of the linear layers (CUDA)")
-    add("--out", metavar="DIR", help="parent of run directories (default runs); --eval-only: where results go")
-    add("--name", help="run directory name (default: experiment or size + time)")
-    add("--resume", metavar="RUN_DIR_OR_CKPT", help="continue a run from its last.pt")
+    add("--out", metavar="DIR", help="parent of run directories (default: runs); --eval-only: where results go "
+        "(default: beside the checkpoint)")
+    add("--name", help="run directory name, one folder under --out (default: experiment or size + time)")
+    add("--resume", metavar="RUN_DIR_OR_CKPT", help="continue a run from its last.pt (Ctrl-C writes one)")
     add("--eval-only", metavar="CKPT", help="evaluate CKPT (RUN_DIR/best.pt or POSTER V2's) on the test split")
-    add("--log-every", type=POSITIVE_INT, default=10, help="steps between progress lines (default 10)")
+    add("--log-every", type=POSITIVE_INT, default=10, help="steps between progress lines when not on a terminal")
     add("--save-every-steps", type=COUNT, default=0, help="also write last.pt every N steps (0 = per epoch)")
     add("--stop-after-steps", type=COUNT, default=0, help=argparse.SUPPRESS)  # tests: as if killed
 
@@ -244,8 +276,11 @@ def build_parser():
 
     group("tools")
     add("--plot", nargs="+", metavar="RUN_DIR", help="draw validation accuracy per epoch of these runs")
-    add("--plot-out", default="val_acc.png", help="PNG written by --plot (default val_acc.png)")
-    add("--predict", nargs="+", metavar="IMG", help="print class probabilities of these images")
+    add("--plot-out", default="val_acc.png", help="PNG written by --plot")
+    add("--predict", nargs="+", metavar="IMG", help="class probabilities of these images, folders (recursively) "
+        "or glob patterns")
+    add("--predict-out", metavar="CSV", help="--predict also writes one row per image: file, top class, every "
+        "class's probability")
     add("--ckpt", metavar="CKPT", help="checkpoint for --predict (a run directory's best.pt, or POSTER V2's)")
     add("--count-params", action="store_true", help="parameters of every preset beside the paper's (Tables 1, 4)")
     add("--benchmark", nargs="?", const="benchmark.csv", metavar="CSV", help="RWKV vs transformer time and memory")
@@ -254,8 +289,8 @@ def build_parser():
         help="any of " + " ".join((*BENCH_METHODS, *POSTER_PRESETS, "wkv-share")))
     add("--bench-tokens", type=POSITIVE_INT, nargs="+", default=[600, 1200, 2400, 4800, 9600], metavar="T",
         help="token counts")
-    add("--bench-width", type=POSITIVE_INT, default=128, help="model width d (default 128)")
-    add("--bench-batch", type=POSITIVE_INT, metavar="N", help="images per call (default 1; POSTER 4; wkv-share 8)")
+    add("--bench-width", type=POSITIVE_INT, default=128, help="model width d")
+    add("--bench-batch", type=POSITIVE_INT, metavar="N", help="images per call (1; POSTER 4; wkv-share 8)")
     add("--bench-repeats", type=POSITIVE_INT, default=3, help="timed calls per point, median reported")
     return p
 
@@ -322,16 +357,17 @@ def check_values(parser, args, ckpt):
 
 
 def parse_args(argv):
-    """-> (args, checkpoint or None). Defaults layer: paper < demo < --recipe < --experiment <
-    the checkpoint's CARRIED settings < explicit flags."""
+    """-> (args, checkpoint or None): the one place settings are resolved. Defaults layer: paper <
+    demo < --recipe < --experiment < the checkpoint's CARRIED settings < explicit flags."""
     parser = build_parser()
     first = parser.parse_args(argv)
+    if first.predict and not first.ckpt:
+        raise UsageError("--predict needs --ckpt CKPT (e.g. runs/NAME/best.pt)")
+    if first.init_from and (first.resume or first.eval_only):
+        raise UsageError("--init-from starts a new run from weights; it does not go with --resume or --eval-only")
     ckpt = None
-    if first.resume or first.eval_only:
-        ckpt = load_checkpoint(first.resume or first.eval_only, "last.pt" if first.resume else "best.pt", first)
-        if first.resume and not set(RESUME_ONLY) <= ckpt.keys():
-            raise UsageError(f"{ckpt['path']} holds no optimizer state (a best.pt holds only the model): "
-                             f"--resume the run directory or its last.pt")
+    if first.resume or first.eval_only or first.predict:
+        ckpt = load_checkpoint(first.resume or first.eval_only or first.ckpt, first, resume=bool(first.resume))
         parser.set_defaults(**{k: ckpt["args"][k] for k in CARRIED if k in ckpt["args"]})
     else:
         experiment = dict(EXPERIMENTS.get(first.experiment, {}))
@@ -343,19 +379,25 @@ def parse_args(argv):
         parser.set_defaults(**recipe_defaults(first), **experiment)
     args = parser.parse_args(argv)
     check_values(parser, args, ckpt)
-    if ckpt:  # defaults are the checkpoint's: a difference is a flag that would change the model
-        changed = differences(ckpt["args"], {k: getattr(args, k) for k in MODEL_KEYS}, "")
+    if ckpt:  # defaults are the checkpoint's: a difference is a flag that would change the model (or the run)
+        keys = [*MODEL_KEYS, *(k for k in CARRIED if k in ckpt["args"] and k not in (*MODEL_KEYS, *RESUME_MAY_CHANGE)
+                               and args.resume)]
+        changed = differences(ckpt["args"], {k: getattr(args, k) for k in keys}, "")
         if changed:
-            raise UsageError(f"{ckpt['path']}: settings that would change its model: {'; '.join(changed)}. "
-                             "Drop them (or start a new run with --name)")
+            fix = ("a run resumes with its own settings; to change them, start a new run from it with --init-from "
+                   f"{Path(ckpt['path']).with_name('last.pt')}" if args.resume else "drop them")
+            raise UsageError(f"{ckpt['path']}: {'; '.join(changed)}: {fix}")
+    if ckpt and ckpt.get("restart"):  # a run folder that never wrote a checkpoint: its settings, a fresh start
+        args.out, args.name, args.resume, ckpt = str(Path(ckpt["path"]).parent.parent), Path(ckpt["path"]).parent.name, \
+            None, None
     if is_demo(args) and args.patch_size is None and not ckpt and args.size in PRESETS:
         args.patch_size = DEMO_PATCH[args.backbone or PRESETS[args.size].get("backbone", "none")]
     args.img_size, args.synthetic_size = tuple(args.img_size), tuple(args.synthetic_size)
     args.random_erasing, args.erasing_scale = data.check_erasing(args.random_erasing, args.erasing_scale)
-    if args.init_from and (args.resume or args.eval_only):
-        raise UsageError("--init-from starts a new run from weights; it does not go with --resume or --eval-only")
-    if args.predict and not args.ckpt:
-        raise UsageError("--predict needs --ckpt CKPT (e.g. runs/NAME/best.pt)")
+    if args.name is not None and (args.name in ("", ".", "..") or "/" in args.name or os.sep in args.name
+                                  or "\0" in args.name or len(os.fsencode(args.name)) > 255):
+        raise UsageError(f"--name {args.name!r}: a run's name is one folder under --out (no '/', '..' or absolute "
+                         "path, at most 255 bytes); choose the parent folder with --out")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out} is a file; give a directory")
     return args, ckpt
@@ -462,17 +504,18 @@ def load_splits(args, config, draw_ahead=True):
 # -----------------------------------------------------------------------------
 # Files: the run directory, checkpoints and metrics. Each written whole (atomic_write) or not at all.
 
-RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "last-prev.pt", "best.pt", "test_metrics.json", "confusion.csv",
-             "summary.json")
+CHECKPOINTS = ("last.pt", "best.pt")  # a folder holding one of these holds a run
 RESUME_ONLY = ("optimizer", "scheduler", "train_sums", "rng")  # in last.pt, not in best.pt
 
 
 @contextlib.contextmanager
 def claim_run_dir(run_dir, resuming, rank, world):
-    """Rank 0 holds an fcntl lock on RUN/train.lock for the run (dropped when the process ends);
-    a new run is refused where another run's files are. Every rank raises the same error."""
+    """Rank 0 holds an fcntl lock on RUN/train.lock for the run (dropped when the process ends); a
+    new run is refused where another run's checkpoints are. A folder that never got a checkpoint is
+    no run: it is started again. Every rank raises the same error; a folder this call made is
+    removed again if the run leaves nothing in it but the lock."""
     lock, problem = None, [None]  # a list: broadcast from rank 0 to every rank
-    new = None  # the outermost folder this call creates, removed again if the run writes nothing
+    new = None  # the outermost folder this call creates
     if rank == 0 and not run_dir.exists():
         new = run_dir
         while not new.parent.exists():
@@ -482,14 +525,12 @@ def claim_run_dir(run_dir, resuming, rank, world):
             run_dir.mkdir(parents=True, exist_ok=True)
             lock = open(run_dir / "train.lock", "a")
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            found = [f for f in RUN_FILES if (run_dir / f).exists()]
+            found = [f for f in CHECKPOINTS if (run_dir / f).exists()]
             if found and not resuming:
                 problem[0] = (f"{run_dir} already holds a run ({', '.join(found)}); continue it with "
                               f"--resume {run_dir} or pick another --name")
         except BlockingIOError:
             problem[0] = f"{run_dir} is in use by another train.py process; wait for it or pick another --name"
-        except OSError as e:
-            problem[0] = f"cannot use {run_dir} as a run directory (--out/--name): {e.strerror}"
     if world > 1:
         dist.broadcast_object_list(problem, src=0)
     try:
@@ -500,7 +541,7 @@ def claim_run_dir(run_dir, resuming, rank, world):
         if lock:
             lock.close()
         if new and run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {"train.lock"}:
-            (run_dir / "train.lock").unlink(missing_ok=True)  # failed before writing anything
+            (run_dir / "train.lock").unlink(missing_ok=True)
             for folder in [run_dir, *run_dir.parents][:len(run_dir.parts) - len(new.parts) + 1]:
                 if any(folder.iterdir()):
                     break
@@ -518,21 +559,11 @@ def write_csv(path, rows):
 
 
 def read_metrics(path):
-    """The rows of a metrics.jsonl; a torn last row (killed while written) is dropped with a notice."""
-    lines = [line for line in Path(path).read_text(errors="replace").splitlines() if line.strip()]
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError
-        except ValueError:
-            if i < len(lines) - 1:
-                raise UsageError(f"{path}: line {i + 1} is not a metrics row") from None
-            print(f"notice: {path}: dropped a torn last row (the run was stopped while writing it)")
-            continue
-        rows.append(row)
-    return rows
+    """The rows of a metrics.jsonl (rewritten whole every epoch, so never torn)."""
+    try:
+        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    except ValueError as e:
+        raise UsageError(f"{path} is not a metrics file written by train.py ({e})") from None
 
 
 def read_train_checkpoint(path, args=None):
@@ -542,8 +573,12 @@ def read_train_checkpoint(path, args=None):
         if args is not None and isinstance(ckpt, dict) and "arch" not in ckpt \
                 and isinstance(ckpt.get("state_dict"), dict):
             return posterv2_checkpoint(path, args)
-    except (OSError, ValueError) as e:
+    except ValueError as e:
         raise UsageError(str(e)) from None
+    if isinstance(ckpt, dict) and {"state", "param_groups"} <= ckpt.keys():
+        raise UsageError(f"{path} holds only an optimizer's state, no weights (POSTER V2's main.py writes "
+                         "model_best.pth so); give the checkpoint it writes per epoch, whose weights are under "
+                         "state_dict")
     if not (isinstance(ckpt, dict) and {"model", "config", "args", "arch"} <= ckpt.keys()
             and isinstance(ckpt["args"], dict) and isinstance(ckpt["config"], dict)):
         raise UsageError(f"{path} is not a train.py checkpoint (needs model, arch, config and args)")
@@ -555,14 +590,14 @@ def read_train_checkpoint(path, args=None):
 
 
 def posterv2_checkpoint(path, args):
-    """A POSTER V2 checkpoint as a train.py one of poster-v2, its classifier's rows put from its
-    dataset's class order (--dataset, or --data's) into the project's."""
+    """A POSTER V2 checkpoint as a train.py one of poster-v2, its classifier's rows put from the class
+    order of the dataset it was trained on (8 classes: AffectNet; else --dataset or --data's format)
+    into the project's. The file does not name that dataset: with none of the three it is refused."""
     n, sd, skipped = posterv2_state_dict(path)
     fmt = "affectnet" if n == 8 else data_format(args)
     if fmt not in POSTERV2_CLASS_ORDER:
-        print(f"notice: {path}: assuming RAF-DB's class order (the data is {fmt}); for a POSTER V2 checkpoint "
-              "of AffectNet or CAER-S pass --dataset affectnet or caer-s")
-        fmt = "rafdb"
+        raise UsageError(f"{path} is a POSTER V2 checkpoint, whose outputs are in the class order of the dataset it "
+                         "was trained on, which the file does not name: pass --dataset rafdb, affectnet or caer-s")
     order, classes = POSTERV2_CLASS_ORDER[fmt][:n], data.CLASSES + ("Contempt",) * (n == 8)
     rows = [order.index(c) for c in classes]
     sd["head.weight"], sd["head.bias"] = sd["head.weight"][rows], sd["head.bias"][rows]
@@ -574,27 +609,27 @@ def posterv2_checkpoint(path, args):
                      "affectnet_classes": n}}
 
 
-def load_checkpoint(path, in_run_dir="last.pt", args=None):
-    """A checkpoint file, or a run directory's `in_run_dir`; a bad last.pt falls back to last-prev.pt."""
-    path = Path(path) / in_run_dir if Path(path).is_dir() else Path(path)
-    prev = path.with_name("last-prev.pt")
-    if not path.is_file() and not (path.name == "last.pt" and prev.is_file()):
-        raise UsageError(f"no checkpoint at {path} (give a .pt file or a run directory holding {in_run_dir})")
-    try:
-        return read_train_checkpoint(path, args)
-    except UsageError as e:
-        if path.name != "last.pt" or not prev.is_file():
-            raise
-        print(f"notice: {e}; going on from the previous checkpoint, {prev}")
-        return read_train_checkpoint(prev, args)
-
-
-def save_last(run_dir, state):
-    """last.pt, written whole; the previous one stays as last-prev.pt, the fallback."""
-    last = run_dir / "last.pt"
-    if last.exists():
-        os.replace(last, run_dir / "last-prev.pt")
-    atomic_write(last, lambda tmp: torch.save(state, tmp))
+def load_checkpoint(path, args=None, resume=False):
+    """A checkpoint file, or a run directory's last.pt (resume) or best.pt. A run folder that stopped
+    before its first checkpoint gives its saved settings instead (config.json), to start it again."""
+    path = Path(path)
+    if path.is_dir():
+        config = path / "config.json"
+        if resume and not (path / "last.pt").exists() and config.is_file():
+            print(f"{path} has no checkpoint yet (it stopped before its first): starting it again from its settings")
+            try:
+                return {"args": json.loads(config.read_text())["args"], "path": str(config), "restart": True}
+            except (ValueError, KeyError, TypeError) as e:
+                raise UsageError(f"{config} is not a config.json written by train.py ({e})") from None
+        path = path / ("last.pt" if resume else "best.pt")
+    if not path.is_file():
+        raise UsageError(f"no checkpoint at {path} (give a .pt file or a run directory holding "
+                         f"{'last.pt' if resume else 'best.pt'})")
+    ckpt = read_train_checkpoint(path, args)
+    if resume and not set(RESUME_ONLY) <= ckpt.keys():
+        raise UsageError(f"{path} holds no optimizer state (a best.pt holds only the model): "
+                         f"--resume the run directory or its last.pt")
+    return ckpt
 
 
 def model_from_checkpoint(ckpt, device):
@@ -618,6 +653,23 @@ def load_weights(model, ckpt):
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, TypeError) as e:
         raise UsageError(f"checkpoint {ckpt['path']} does not fit the model: {str(e).splitlines()[0]}") from None
+
+
+def class_map(theirs, ours, what):
+    """The index in `theirs` (a checkpoint's classes) of each of `ours` (the data's), matched by name,
+    never by position; printed once when it is not the identity. A class of ours that theirs lacks
+    is one line naming both lists."""
+    theirs, ours = list(theirs), list(ours)
+    missing = [c for c in ours if c not in theirs]
+    if missing:
+        raise UsageError(f"{what}: the data's classes {ours} are not all the checkpoint's {theirs} (missing: "
+                         f"{', '.join(missing)}); name the class folders as the checkpoint does, or for numbered "
+                         "folders pass the dataset they number (--dataset rafdb or affectnet)")
+    index = [theirs.index(c) for c in ours]
+    if index != list(range(len(theirs))):
+        print(f"{what}: classes matched by name, data -> checkpoint: "
+              + ", ".join(f"{c} -> {i}" for c, i in zip(ours, index)))
+    return index
 
 
 def rng_states():
@@ -747,21 +799,28 @@ def epoch_batches(dataset, epoch, skip_batches, args, rank, world, per_rank_batc
     indices = indices[skip_batches * per_rank_batch:]
     # the loader's own generator seeds its workers: random augmentation does not depend on the global RNG
     generator = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
-    return DataLoader(dataset, batch_size=per_rank_batch, sampler=indices, num_workers=args.workers,
-                      pin_memory=device.type == "cuda", generator=generator)
+    return loader(dataset, indices, per_rank_batch, args, device, generator)
+
+
+def loader(dataset, indices, batch, args, device, generator):
+    """A DataLoader over these indices; its workers ignore Ctrl-C (the training process handles it)."""
+    return DataLoader(dataset, batch_size=batch, sampler=indices, num_workers=args.workers, generator=generator,
+                      pin_memory=device.type == "cuda", worker_init_fn=ignore_sigint)
 
 
 @torch.no_grad()
-def evaluate(model, dataset, n_classes, args, rank, world, per_rank_batch, device):
+def evaluate(model, dataset, n_classes, args, rank, world, per_rank_batch, device, label_map=None):
     """Loss, accuracy, mean per-class accuracy and confusion matrix (rows: true class) over the dataset;
-    each process takes every world-th sample and the counts are summed."""
+    each process takes every world-th sample and the counts are summed. label_map[y]: the model's
+    output for the data's label y (class_map), when the two orders differ."""
     model.eval()
-    loader = DataLoader(dataset, batch_size=per_rank_batch, sampler=list(range(rank, len(dataset), world)),
-                        num_workers=args.workers, pin_memory=device.type == "cuda", generator=torch.Generator())
+    items = loader(dataset, list(range(rank, len(dataset), world)), per_rank_batch, args, device, torch.Generator())
+    label_map = None if label_map is None else torch.tensor(label_map, device=device)
     confusion = torch.zeros(n_classes, n_classes, dtype=torch.float64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for images, labels in loader:
+    for images, labels in items:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        labels = labels if label_map is None else label_map[labels]
         with autocast(args, device):
             logits = model(images)
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
@@ -808,26 +867,77 @@ def report_test(title, metrics, classes, out_dir, suffix, ckpt_path):
               [["true \\ pred", *classes], *([n, *r] for n, r in zip(classes, metrics["confusion"]))])
 
 
+class Stopped(Exception):
+    """Ctrl-C or SIGTERM ended the process: one line on stderr, exit status 128 + the signal's number."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM while a run trains: the first lets the current step finish, then
+    the run writes last.pt and stops (Stopped); a second one stops it at once."""
+
+    def __init__(self, run_dir):
+        self.run_dir, self.signum, self.saved, self.previous = run_dir, None, None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # only there can Python handle signals
+            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum  # the training loop stops after this step
+            return
+        raise Stopped(signum, self.message(signum, "at once"))
+
+    def message(self, signum, when):
+        """Where the run stopped, and the command that continues it."""
+        name, again = signal.Signals(signum).name, f"python train.py --resume {self.run_dir}"
+        if self.saved:
+            return f"stopped by {name} {when}: {self.saved} holds the run; continue with: {again}"
+        return f"stopped by {name} before the first checkpoint; start it again with: {again}"
+
+
+def ignore_sigint(worker_id):
+    """A DataLoader worker leaves Ctrl-C to the training process, and dies at SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 class Progress:
-    """One line updated in place on a terminal; a line every --log-every steps elsewhere."""
+    """One line updated in place on a terminal; a line every --log-every steps elsewhere. The time
+    left is this run's own rate over every step it took so far (validation included) times the
+    steps left."""
+    open_line = False  # a line in place is on the terminal: an error message starts below it
 
-    def __init__(self, log_every, enabled):
+    def __init__(self, log_every, enabled, first_step, total_steps):
         self.log_every, self.enabled, self.live = log_every, enabled, enabled and sys.stdout.isatty()
-        self.t_last, self.images = time.time(), 0
+        self.first_step, self.total_steps, self.t_first = first_step, total_steps, time.time()
+        self.t_last, self.images = self.t_first, 0
 
-    def update(self, step, total_steps, epoch, epochs, loss, lr, images, eta_s, epoch_end):
+    def update(self, step, epoch, epochs, loss, lr, images, epoch_end):
         self.images += images
         if not self.enabled or not (self.live or step % self.log_every == 0 or epoch_end):
             return
         now = time.time()
-        line = (f"epoch {epoch}/{epochs} step {step}/{total_steps} loss {loss:.4f} lr {lr:.2e} "
-                f"{self.images / max(now - self.t_last, 1e-9):.1f} img/s eta {format_seconds(eta_s)}")
+        eta = (now - self.t_first) / (step - self.first_step) * (self.total_steps - step)
+        line = (f"epoch {epoch}/{epochs} step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.2e} "
+                f"{self.images / max(now - self.t_last, 1e-9):.1f} img/s eta {format_seconds(eta)}")
         print("\r" + line + "\033[K" if self.live else line, end="" if self.live else "\n", flush=True)
-        self.t_last, self.images = now, 0
+        self.t_last, self.images, Progress.open_line = now, 0, self.live
 
-    def end_line(self):
-        if self.live:
+    @staticmethod
+    def end_line():
+        if Progress.open_line:
             print(flush=True)
+        Progress.open_line = False
 
 
 def format_seconds(s):
@@ -835,9 +945,21 @@ def format_seconds(s):
     return f"{s // 3600}h{s // 60 % 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def init_from(model, path, args, log):
-    """--init-from: every tensor of a checkpoint whose name and shape fit; returns the names loaded."""
-    own, theirs = model.state_dict(), load_checkpoint(path, "best.pt", args)["model"]
+def init_from(model, path, args, classes, log):
+    """--init-from: every tensor of a checkpoint whose name and shape fit; the classifier's output rows
+    are matched to this data's classes by name (or start fresh). Returns the names loaded."""
+    source = load_checkpoint(path, args)
+    own, theirs = model.state_dict(), dict(source["model"])
+    out = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]  # the classifier's output layer
+    rows = [n for n in (f"{out}.weight", f"{out}.bias") if n in theirs]
+    if source.get("classes") is not None and list(source["classes"]) != list(classes) and rows:
+        if set(classes) <= set(source["classes"]):
+            index = class_map(source["classes"], classes, f"--init-from {path}")
+            theirs.update({n: theirs[n][index] for n in rows})
+        else:
+            log(f"--init-from {path}: its classes {list(source['classes'])} are not this data's {list(classes)}: "
+                f"the output layer {out} starts fresh")
+            theirs = {n: v for n, v in theirs.items() if n not in rows}
     fits = {k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(fits, strict=False)
     log(f"--init-from {path}: {len(fits)} of the model's {len(own)} tensors loaded ({len(theirs) - len(fits)} of the "
@@ -915,21 +1037,21 @@ def log_settings(args, config, model, splits, world, device):
 # Evaluation of a checkpoint, prediction, parameter counts
 
 def eval_only(args, ckpt):
-    """The checkpoint on the test split of --data (default: its own); results go beside it or to --out."""
+    """The checkpoint on the test split of --data (default: its own), the data's classes matched to the
+    checkpoint's by name; results go beside it or to --out."""
     rank, world, device = setup_distributed(args)
     model = model_from_checkpoint(ckpt, device)
     splits = load_splits(args, model.config, draw_ahead=False)  # only test is read: draw on demand
-    if model.config.n_classes != len(splits.classes):
-        raise UsageError(f"{ckpt['path']} has {model.config.n_classes} classes, the data {len(splits.classes)}"
-                         + (" (AffectNet-8: add --affectnet-classes 8)" if model.config.n_classes == 8 else ""))
-    test = evaluate(model, splits.test, len(splits.classes), args, rank, world, args.batch_size // world, device)
+    classes = list(ckpt.get("classes") or splits.classes)
+    index = class_map(classes, splits.classes, ckpt["path"])
+    test = evaluate(model, splits.test, len(classes), args, rank, world, args.batch_size // world, device, index)
     if rank == 0:
         path = Path(ckpt["path"])
         on = "synthetic" if args.data is None else Path(args.data).resolve().name
         suffix, out = f"-{path.parent.resolve().name}-{path.stem}-on-{on}", Path(args.out or path.parent)
         print(splits.summary())
         try:
-            report_test(f"test set, {path}:", test, splits.classes, out, suffix, path)
+            report_test(f"test set, {path}:", test, classes, out, suffix, path)
             print(f"wrote {out / f'test_metrics{suffix}.json'} and confusion{suffix}.csv")
         except OSError as e:
             print(f"notice: results not saved ({out}: {e.strerror}); pass --out DIR to keep them")
@@ -937,20 +1059,35 @@ def eval_only(args, ckpt):
 
 
 @torch.no_grad()
-def predict(args):
-    """Class probabilities of each image, preprocessed like the checkpoint's training data."""
+def predict(args, ckpt):
+    """Class probabilities of each image (files, folders, globs), preprocessed like the checkpoint's
+    training data. An unreadable file is one line and skipped; --predict-out writes a CSV row each."""
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    paths, ckpt = args.predict, load_checkpoint(args.ckpt, "best.pt", args)
-    model = model_from_checkpoint(ckpt, device)
-    classes = ckpt["classes"]
+    model, classes = model_from_checkpoint(ckpt, device), list(ckpt["classes"])
+    files, skipped = data.image_files(args.predict)
     results = {}
-    for path in paths:
-        image = data.load_image(path, input_size(model.config), normalize=model.config.imagenet_norm)
-        probs = F.softmax(model(image[None].to(device)).float(), dim=1)[0].cpu()
-        results[path] = dict(zip(classes, probs.tolist()))
-        top = int(probs.argmax())
-        print(f"{path}: {classes[top]} ({100 * probs[top]:.1f}%)  "
-              + "  ".join(f"{c} {p:.3f}" for c, p in zip(classes, probs.tolist())))
+    for path in files:
+        try:
+            image = data.load_image(path, input_size(model.config), normalize=model.config.imagenet_norm)
+        except data.DataError as e:
+            skipped.append((path, str(e)))
+            print(f"skipped: {e}")
+            continue
+        probs = F.softmax(model(image[None].to(device)).float(), dim=1)[0].cpu().tolist()
+        results[path] = dict(zip(classes, probs))
+        top = max(range(len(classes)), key=probs.__getitem__)
+        print(f"{data.printable(path)}: {classes[top]} ({100 * probs[top]:.1f}%)  "
+              + "  ".join(f"{c} {p:.3f}" for c, p in zip(classes, probs)))
+    if args.predict_out:
+        write_csv(args.predict_out, [["file", "top_class", *classes],
+                                     *([p, max(r, key=r.get), *(f"{v:.6f}" for v in r.values())]
+                                       for p, r in results.items())])
+        print(f"wrote {args.predict_out} ({len(results)} images)")
+    print(f"predicted {len(results)} images" + (f"; skipped {len(skipped)}: " + "; ".join(
+        f"{data.printable(n)} ({why})" for n, why in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+        if skipped else ""))
+    if not results:
+        raise UsageError(f"--predict: no image could be read among {' '.join(args.predict)}")
     return results
 
 
@@ -1180,8 +1317,213 @@ def run_benchmark(args):
 
 
 # -----------------------------------------------------------------------------
-# Training, from the top: processes, run directory, data, model, optimizer; then the epochs
-# (steps, validation, metrics row, checkpoints); then the best epoch on test.
+# Training, from the top: one run's lifecycle. start_run: run directory, data, model, optimizer (or
+# the state a checkpoint resumes). Then the epochs: steps (train_epoch), validation, the metrics row
+# and checkpoints (end_epoch). Then the best epoch on test (finish). Ctrl-C and SIGTERM stop it at a
+# step's end with last.pt written (StopSignals); a run resumed from there ends as an unstopped one.
+
+@dataclasses.dataclass
+class Run:
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: torch.device
+    run_dir: Path
+    splits: data.Splits
+    model: nn.Module
+    ddp_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    steps_per_epoch: int
+    log: object
+    fingerprint: dict
+    step: int = 0
+    best_val: float = -1.0
+    best_epoch: int = 0
+    sums: list = dataclasses.field(default_factory=lambda: [0.0, 0, 0])  # this process's loss, correct, seen
+    rows: list = dataclasses.field(default_factory=list)  # metrics.jsonl, one row per epoch
+
+    def summed(self, values):
+        """values summed over all processes."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(t)
+        return [t[0].item(), int(t[1].item()), int(t[2].item())]
+
+    def checkpoint(self):
+        """What last.pt holds (best.pt: less RESUME_ONLY), with every process's RNG state: a collective."""
+        rngs = [rng_states()] if self.world == 1 else [None] * self.world
+        if self.world > 1:
+            dist.all_gather_object(rngs, rng_states())
+        return {"model": self.model.state_dict(), "arch": type(self.model).__name__,
+                "config": dataclasses.asdict(self.model.config), "args": vars(self.args),
+                "classes": list(self.splits.classes), "data_fingerprint": self.fingerprint,
+                "epoch": self.step // self.steps_per_epoch, "step": self.step, "best_val_acc": self.best_val,
+                "best_epoch": self.best_epoch, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "train_sums": self.summed(self.sums), "rng": rngs}
+
+    def save(self, best=False):
+        """last.pt (and best.pt) written whole, and the metrics rows so far."""
+        state = self.checkpoint()
+        if self.rank == 0:
+            atomic_write(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows).encode())
+            if best:
+                state_best = {k: v for k, v in state.items() if k not in RESUME_ONLY}
+                atomic_write(self.run_dir / "best.pt", lambda tmp: torch.save(state_best, tmp))
+            atomic_write(self.run_dir / "last.pt", lambda tmp: torch.save(state, tmp))
+
+
+def data_fingerprint(splits, root):
+    """What --resume checks the data against: the class names, and per split the number of items and
+    a digest of their (name below the data root, label) pairs."""
+    out = {"classes": list(splits.classes)}
+    for s in data.SPLITS:
+        ds = getattr(splits, s)
+        items = "\n".join(f"{ds.source.name(i).removeprefix(str(root or ''))}\t{ds.source.labels[i]}"
+                          for i in ds.indices)
+        out[s] = [len(ds), hashlib.sha256(items.encode(errors="surrogateescape")).hexdigest()[:16]]
+    return out
+
+
+def check_same_data(saved, now, run_dir):
+    changes = [f"classes {now['classes']} (the run's: {saved['classes']})"] if saved["classes"] != now["classes"] else []
+    changes += [f"{s}: {now[s][0]} images (the run's: {saved[s][0]})" if now[s][0] != saved[s][0] else
+                f"{s}: other images than the run's" for s in data.SPLITS if now[s] != saved[s]]
+    if changes:
+        raise UsageError(f"--resume {run_dir}: the data is not what this run trained on ({'; '.join(changes)}); "
+                         f"resume it on that data, or start a new run from it with --init-from {run_dir}/last.pt")
+
+
+def start_run(args, resume, rank, world, device, run_dir, log):
+    """The data, the model and its optimizer, or the state the checkpoint `resume` continues."""
+    config = model_config(args, len(data.CLASSES))
+    splits = load_splits(args, config)
+    fingerprint = data_fingerprint(splits, args.data)
+    if resume and resume.get("data_fingerprint"):
+        check_same_data(resume["data_fingerprint"], fingerprint, run_dir)
+    config = dataclasses.replace(config, n_classes=len(splits.classes))
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    model = build_model(config, args, log, fresh=resume is None)
+    if resume:
+        load_weights(model, resume)
+    elif args.init_from:
+        init_from(model, args.init_from, args, splits.classes, log)
+    if args.train_only:
+        train_only(model, args.train_only, log)
+    model.to(device)
+    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+    optimizer, scheduler, steps_per_epoch = make_optimizer([p for p in model.parameters() if p.requires_grad],
+                                                           args, len(splits.train))
+    run = Run(args, rank, world, device, run_dir, splits, model, ddp_model, optimizer, scheduler, steps_per_epoch,
+              log, fingerprint)
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        run.step, run.best_val, run.best_epoch = resume["step"], resume["best_val_acc"], resume["best_epoch"]
+        run.sums = list(resume["train_sums"]) if rank == 0 else run.sums  # the sums over all processes: one holds them
+        set_rng_states(resume["rng"][rank] if len(resume["rng"]) == world else resume["rng"][0])
+        metrics = run_dir / "metrics.jsonl"  # the rows of the epochs the checkpoint completed
+        run.rows = read_metrics(metrics)[:run.step // steps_per_epoch] if metrics.exists() else []
+    if rank == 0:
+        write_json(run_dir / "config.json", {"model": dataclasses.asdict(config), "args": vars(args),
+                                             "data": splits.info, "world_size": world})
+        log_settings(args, config, model, splits, world, device)
+    total = args.epochs * steps_per_epoch
+    log(f"{steps_per_epoch} steps per epoch, {total} in all" + (f"; resuming at step {run.step}" if run.step else ""))
+    log(f"run directory: {run_dir}")
+    return run
+
+
+def train_epoch(run, epoch, progress, stop):
+    """One epoch's steps (from where a resumed run left off). A non-finite loss stops the run; a
+    stop signal stops it after the step, last.pt written (Stopped)."""
+    args, spe = run.args, run.steps_per_epoch
+    run.ddp_model.train()
+    sam_rho = args.sam_rho if args.optimizer == "sam" else 0.0
+    for images, labels in epoch_batches(run.splits.train, epoch, run.step % spe, args, run.rank, run.world,
+                                        args.batch_size // run.world, run.device):
+        images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
+        lr = run.optimizer.param_groups[0]["lr"]
+        loss, correct = train_step(run.ddp_model, images, labels, run.optimizer, run.scheduler, args.clip,
+                                   autocast(args, run.device), sam_rho)
+        run.step += 1
+        flags = torch.stack([loss.detach().float().cpu(), torch.tensor(float(stop.signum or 0))])
+        if run.world > 1:  # every process sees the mean loss and any stop signal: all stop together
+            flags = flags.to(run.device)
+            dist.all_reduce(flags[:1], op=dist.ReduceOp.AVG)
+            dist.all_reduce(flags[1:], op=dist.ReduceOp.MAX)
+        loss, signum = flags[0].item(), int(flags[1].item())
+        if not math.isfinite(loss):
+            raise UsageError(f"the loss is {loss} at step {run.step} (epoch {epoch + 1}): stopped; "
+                             f"{run.run_dir / 'last.pt'} is untouched. Lower --lr or check the data")
+        run.sums = [run.sums[0] + loss * len(labels), run.sums[1] + int(correct), run.sums[2] + len(labels)]
+        if args.stop_after_steps and run.step >= args.stop_after_steps:
+            return False  # tests: as if killed here, nothing saved
+        progress.update(run.step, epoch + 1, args.epochs, loss, lr, len(labels) * run.world, run.step % spe == 0)
+        if run.step % spe and ((args.save_every_steps and run.step % args.save_every_steps == 0) or signum):
+            run.save()
+            stop.saved = run.run_dir / "last.pt"
+        if signum and run.step % spe:
+            raise Stopped(signum, stop.message(signum, f"at step {run.step} (epoch {epoch + 1})"))
+    Progress.end_line()
+    return True
+
+
+def end_epoch(run, epoch, t_epoch, stop):
+    """Validation, the metrics row, last.pt and (when validation improved) best.pt."""
+    args, classes = run.args, run.splits.classes
+    train_loss, train_correct, seen = run.summed(run.sums)
+    val = evaluate(run.model, run.splits.val, len(classes), args, run.rank, run.world, args.batch_size // run.world,
+                   run.device) if len(run.splits.val) else None
+    improved = val is None or val["acc"] > run.best_val
+    if improved:
+        run.best_val, run.best_epoch = (val["acc"] if val else run.best_val), epoch + 1
+    row = {"epoch": epoch + 1, "step": run.step, "train_loss": train_loss / seen, "train_acc": train_correct / seen,
+           "val_loss": val and val["loss"], "val_acc": val and val["acc"],
+           "val_mean_class_acc": val and val["mean_class_acc"], "lr": run.optimizer.param_groups[0]["lr"],
+           "epoch_time_s": round(time.time() - t_epoch, 2)}
+    run.sums = [0.0, 0, 0]
+    val_text = (f"val loss {row['val_loss']:.4f} val acc {100 * row['val_acc']:.2f}% "
+                f"(mean per-class {100 * row['val_mean_class_acc']:.2f}%)") if val else "no val split"
+    run.log(f"epoch {epoch + 1}/{args.epochs} done: train loss {row['train_loss']:.4f} train acc "
+            f"{100 * row['train_acc']:.2f}% {val_text}{' (best)' if improved and val else ''} "
+            f"[{row['epoch_time_s']:.1f}s]")
+    run.rows.append(row)
+    run.save(best=improved)
+    stop.saved = run.run_dir / "last.pt"
+    if stop.signum and epoch + 1 < args.epochs:
+        raise Stopped(stop.signum, stop.message(stop.signum, f"after epoch {epoch + 1}"))
+
+
+def finish(run, t_start, t_train):
+    """The best-validation model on test: rank 0 reads best.pt and hands the weights to the others."""
+    args, classes, model = run.args, run.splits.classes, run.model
+    if run.rank == 0:
+        load_weights(model, load_checkpoint(run.run_dir / "best.pt"))
+    if run.world > 1:
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+    test = evaluate(model, run.splits.test, len(classes), args, run.rank, run.world, args.batch_size // run.world,
+                    run.device)
+    wall = time.time() - t_start
+    summary = {"run_dir": str(run.run_dir), "params": model.num_params(),
+               "trainable_params": model.num_params(trainable_only=True),
+               "best_val_acc": run.best_val if run.best_val >= 0 else None, "best_epoch": run.best_epoch,
+               **test_results(test), "epochs": args.epochs, "steps": run.step, "world_size": run.world,
+               "wall_time_s": round(wall, 2), "train_time_s": round(time.time() - t_train, 2)}
+    if run.rank == 0:
+        report_test(f"\ntest set, best-validation checkpoint (epoch {run.best_epoch}):", test, classes, run.run_dir,
+                    "", run.run_dir / "best.pt")
+        write_json(run.run_dir / "summary.json", summary)
+        best = "-" if summary["best_val_acc"] is None else f"{100 * run.best_val:.2f}%"
+        run.log(f"\nsummary: {summary['params']:,} parameters | best val acc {best} (epoch {run.best_epoch}) | "
+                f"test acc {100 * test['acc']:.2f}% (mean per-class {100 * test['mean_class_acc']:.2f}%) | "
+                f"wall time {format_seconds(wall)} | {run.run_dir}")
+    return summary
+
 
 def train(args, resume=None):
     """Train from scratch (or on from the checkpoint `resume`), validating every epoch; test the
@@ -1191,7 +1533,7 @@ def train(args, resume=None):
     log = print if rank == 0 else (lambda *a, **k: None)
     if args.amp == "bf16" and device.type != "cuda":
         raise UsageError("--amp bf16 needs a CUDA device (on CPU train in fp32: --amp none)")
-    config = model_config(args, len(data.CLASSES))  # checked before a possibly long data scan
+    model_config(args, len(data.CLASSES))  # the model's settings checked before a possibly long data scan
     stem = args.experiment or ("demo" if args.data is None else args.size)
     box = [Path(resume["path"]).parent if resume else  # a new run is named by rank 0's clock, for all
            Path(args.out or "runs") / (args.name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")]
@@ -1200,165 +1542,79 @@ def train(args, resume=None):
     run_dir = box[0]
     args.out, args.name = str(run_dir.parent), run_dir.name
     with claim_run_dir(run_dir, resume is not None, rank, world):
-        splits = load_splits(args, config)
-        classes = splits.classes
-        config = dataclasses.replace(config, n_classes=len(classes))
-        random.seed(args.seed)
-        np.random.seed(args.seed)
-        torch.manual_seed(args.seed)
-        model = build_model(config, args, log, fresh=resume is None)
-        if resume:
-            load_weights(model, resume)
-        elif args.init_from:
-            init_from(model, args.init_from, args, log)
-        if args.train_only:
-            train_only(model, args.train_only, log)
-        model.to(device)
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-            if world > 1 else model
-        optimizer, scheduler, steps_per_epoch = make_optimizer([p for p in model.parameters() if p.requires_grad],
-                                                               args, len(splits.train))
-        total_steps, per_rank = args.epochs * steps_per_epoch, args.batch_size // world
-        step, best_val, best_epoch, sums = 0, -1.0, 0, [0.0, 0, 0]  # sums: this process's loss, correct, seen
-        if resume:
-            optimizer.load_state_dict(resume["optimizer"])
-            scheduler.load_state_dict(resume["scheduler"])
-            step, best_val, best_epoch = resume["step"], resume["best_val_acc"], resume["best_epoch"]
-            sums = list(resume["train_sums"]) if rank == 0 else sums  # the sums over all processes: one carries them
-            set_rng_states(resume["rng"][rank] if len(resume["rng"]) == world else resume["rng"][0])
-        metrics = run_dir / "metrics.jsonl"
-        if rank == 0:
-            write_json(run_dir / "config.json", {"model": dataclasses.asdict(config), "args": vars(args),
-                                                 "data": splits.info, "world_size": world})
-            # the rows of the epochs the checkpoint completed (a kill can come between a row and last.pt)
-            rows = read_metrics(metrics)[:step // steps_per_epoch] if resume and metrics.exists() else []
-            atomic_write(metrics, "".join(json.dumps(r) + "\n" for r in rows).encode())
-            log_settings(args, config, model, splits, world, device)
-        log(f"{steps_per_epoch} steps per epoch, {total_steps} in all" + (f"; resuming at step {step}" if step else ""))
-        log(f"run directory: {run_dir}")
-
-        def summed(values):  # over all processes
-            t = torch.tensor(values, dtype=torch.float64, device=device)
-            if world > 1:
-                dist.all_reduce(t)
-            return [t[0].item(), int(t[1].item()), int(t[2].item())]
-
-        def checkpoint():
-            """What last.pt holds (best.pt: less RESUME_ONLY), with every process's RNG state: a collective."""
-            rngs = [rng_states()] if world == 1 else [None] * world
-            if world > 1:
-                dist.all_gather_object(rngs, rng_states())
-            return {"model": model.state_dict(), "arch": type(model).__name__, "config": dataclasses.asdict(config),
-                    "args": vars(args), "classes": list(classes), "epoch": step // steps_per_epoch, "step": step,
-                    "best_val_acc": best_val, "best_epoch": best_epoch, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "train_sums": summed(sums), "rng": rngs}
-
-        progress = Progress(args.log_every, enabled=rank == 0)
-        sam_rho = args.sam_rho if args.optimizer == "sam" else 0.0
-        t_train = time.time()
-        for epoch in range(step // steps_per_epoch, args.epochs):
-            t_epoch, steps_here = time.time(), 0
-            ddp_model.train()
-            for images, labels in epoch_batches(splits.train, epoch, step % steps_per_epoch, args, rank, world,
-                                                per_rank, device):
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                lr = optimizer.param_groups[0]["lr"]
-                loss, correct = train_step(ddp_model, images, labels, optimizer, scheduler, args.clip,
-                                           autocast(args, device), sam_rho)
-                step, steps_here = step + 1, steps_here + 1
-                if world > 1:  # every process stops together
-                    dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-                loss = loss.item()
-                if not math.isfinite(loss):
-                    progress.end_line()
-                    raise UsageError(f"the loss is {loss} at step {step} (epoch {epoch + 1}): stopped; "
-                                     f"{run_dir / 'last.pt'} is untouched. Lower --lr or check the data")
-                sums = [sums[0] + loss * len(labels), sums[1] + int(correct), sums[2] + len(labels)]
-                if args.stop_after_steps and step >= args.stop_after_steps:
-                    progress.end_line()
-                    log(f"stopping after step {step} (--stop-after-steps: as if killed, nothing saved)")
-                    return {"stopped_at_step": step, "run_dir": str(run_dir)}
-                eta = (time.time() - t_train) / steps_here * (total_steps - step)
-                progress.update(step, total_steps, epoch + 1, args.epochs, loss, lr, len(labels) * world, eta,
-                                epoch_end=step % steps_per_epoch == 0)
-                if args.save_every_steps and step % args.save_every_steps == 0 and step % steps_per_epoch:
-                    state = checkpoint()
-                    if rank == 0:
-                        save_last(run_dir, state)
-            progress.end_line()
-
-            # the end of an epoch: validation, the metrics row, checkpoints
-            train_loss, train_correct, seen = summed(sums)
-            val = evaluate(model, splits.val, len(classes), args, rank, world, per_rank, device) \
-                if len(splits.val) else None
-            improved = val is None or val["acc"] > best_val
-            if improved:
-                best_val, best_epoch = (val["acc"] if val else best_val), epoch + 1
-            row = {"epoch": epoch + 1, "step": step, "train_loss": train_loss / seen, "train_acc": train_correct / seen,
-                   "val_loss": val and val["loss"], "val_acc": val and val["acc"],
-                   "val_mean_class_acc": val and val["mean_class_acc"], "lr": optimizer.param_groups[0]["lr"],
-                   "epoch_time_s": round(time.time() - t_epoch, 2)}
-            sums = [0.0, 0, 0]
-            val_text = (f"val loss {row['val_loss']:.4f} val acc {100 * row['val_acc']:.2f}% "
-                        f"(mean per-class {100 * row['val_mean_class_acc']:.2f}%)") if val else "no val split"
-            log(f"epoch {epoch + 1}/{args.epochs} done: train loss {row['train_loss']:.4f} train acc "
-                f"{100 * row['train_acc']:.2f}% {val_text}{' (best)' if improved and val else ''} "
-                f"[{row['epoch_time_s']:.1f}s]")
-            state = checkpoint()
-            if rank == 0:
-                with open(metrics, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                if improved:
-                    best = {k: v for k, v in state.items() if k not in RESUME_ONLY}
-                    atomic_write(run_dir / "best.pt", lambda tmp: torch.save(best, tmp))
-                save_last(run_dir, state)
-
-        # the best-validation model on test: rank 0 reads best.pt and hands the weights to the others
-        if rank == 0:
-            load_weights(model, load_checkpoint(run_dir / "best.pt"))
-        if world > 1:
-            for tensor in model.state_dict().values():
-                dist.broadcast(tensor, src=0)
-        test = evaluate(model, splits.test, len(classes), args, rank, world, per_rank, device)
-        wall = time.time() - t_start
-        summary = {"run_dir": str(run_dir), "params": model.num_params(),
-                   "trainable_params": model.num_params(trainable_only=True),
-                   "best_val_acc": best_val if best_val >= 0 else None, "best_epoch": best_epoch, **test_results(test),
-                   "epochs": args.epochs, "steps": step, "world_size": world, "wall_time_s": round(wall, 2),
-                   "train_time_s": round(time.time() - t_train, 2)}
-        if rank == 0:
-            report_test(f"\ntest set, best-validation checkpoint (epoch {best_epoch}):", test, classes, run_dir, "",
-                        run_dir / "best.pt")
-            write_json(run_dir / "summary.json", summary)
-            best = "-" if summary["best_val_acc"] is None else f"{100 * best_val:.2f}%"
-            log(f"\nsummary: {summary['params']:,} parameters | best val acc {best} (epoch {best_epoch}) | "
-                f"test acc {100 * test['acc']:.2f}% (mean per-class {100 * test['mean_class_acc']:.2f}%) | "
-                f"wall time {format_seconds(wall)} | {run_dir}")
-        return summary
+        run, t_train = start_run(args, resume, rank, world, device, run_dir, log), time.time()
+        progress = Progress(args.log_every, rank == 0, run.step, args.epochs * run.steps_per_epoch)
+        with StopSignals(run_dir) as stop:
+            for epoch in range(run.step // run.steps_per_epoch, args.epochs):
+                t_epoch = time.time()
+                if not train_epoch(run, epoch, progress, stop):
+                    Progress.end_line()
+                    log(f"stopping after step {run.step} (--stop-after-steps: as if killed, nothing saved)")
+                    return {"stopped_at_step": run.step, "run_dir": str(run_dir)}
+                end_epoch(run, epoch, t_epoch, stop)
+        return finish(run, t_start, t_train)
 
 
 # -----------------------------------------------------------------------------
+# The entry point and its one error boundary: a user's error is one line and exit status 2; a bug
+# keeps its traceback.
+
+USER_ERRNOS = {errno.ENOSPC: "free some space (files are written whole: the previous ones are intact)",
+               errno.EDQUOT: "free some space (files are written whole: the previous ones are intact)",
+               errno.EACCES: "check its permissions, or write elsewhere (--out)", errno.EPERM: "check its permissions",
+               errno.EROFS: "a read-only file system: write elsewhere (--out)",
+               errno.ENAMETOOLONG: "shorten the path (--out, --name)", errno.ENOENT: "check the path",
+               errno.ENOTDIR: "check the path", errno.EISDIR: "give a file, not a folder"}
+
+
+def one_line(e):
+    """A known error as one line: a DataLoader worker's report unwrapped to the error it caught; an
+    OSError with its path and what to do."""
+    text = str(e)
+    if text.startswith("Caught ") and "Original Traceback" in text:  # raised in a DataLoader worker
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename and str(e.filename) not in str(e.strerror) else ""
+        text = f"{where}{e.strerror or text}; {USER_ERRNOS[e.errno]}"
+    return data.printable(text)
+
+
+def run_command(args, ckpt):
+    args.threads = args.threads or free_cores()
+    args.workers = min(4, max(0, free_cores() - 2)) if args.workers is None else args.workers
+    torch.set_num_threads(args.threads)
+    if args.count_params:
+        return count_params(args)
+    if args.benchmark:
+        return run_benchmark(args)
+    if args.plot:
+        return {"plot": plot_runs(args.plot, args.plot_out)}
+    if args.predict:
+        return {"predictions": predict(args, ckpt)}
+    result = eval_only(args, ckpt) if args.eval_only else train(args, resume=ckpt)
+    if dist.is_initialized():
+        dist.barrier()  # every rank finishes its work before any tears the group down
+    return result
+
 
 def main(argv=None):
-    """Entry point; returns a summary dict. User errors print one line and exit with status 2."""
+    """Entry point; returns a summary dict. A user's error prints one line and exits with status 2;
+    Ctrl-C or SIGTERM, one line saying how to continue, and 130 / 143."""
     try:
-        args, ckpt = parse_args(argv)
-        args.threads = args.threads or free_cores()
-        torch.set_num_threads(args.threads)
-        if args.count_params:
-            return count_params(args)
-        if args.benchmark:
-            return run_benchmark(args)
-        if args.plot:
-            return {"plot": plot_runs(args.plot, args.plot_out)}
-        if args.predict:
-            return {"predictions": predict(args)}
-        result = eval_only(args, ckpt) if args.eval_only else train(args, resume=ckpt)
-        if dist.is_initialized():
-            dist.barrier()  # every rank finishes its work before any tears the group down
-        return result
-    except (UsageError, data.DataError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+        return run_command(*parse_args(argv))
+    except Stopped as e:
+        Progress.end_line()
+        print(f"train.py: {e}", file=sys.stderr)
+        raise SystemExit(128 + e.signum) from None
+    except KeyboardInterrupt:
+        Progress.end_line()
+        print("train.py: stopped by Ctrl-C", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (UsageError, data.DataError, OSError) as e:
+        if isinstance(e, OSError) and e.errno not in USER_ERRNOS:
+            raise
+        Progress.end_line()
+        print(f"train.py: error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
         if dist.is_initialized():
