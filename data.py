@@ -87,13 +87,9 @@ class DataError(Exception):
 
 
 def shown(text):
-    """Text naming files, printable on a strict UTF-8 terminal: the bytes of a file name that is not
-    UTF-8 (os.listdir gives them as surrogate escapes: a Latin-1 name from an old archive) as \\xe9."""
-    try:
-        raw = str(text).encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a lone surrogate that no file name produced
-        raw = str(text).encode("utf-8", "backslashreplace")
-    return raw.decode("utf-8", "backslashreplace")
+    """Text naming files, printable on a strict UTF-8 terminal: the bytes of a file name that are not
+    UTF-8 (a Latin-1 name from an old archive, which Python holds as surrogates) escaped, as \\udce9."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def affectnet_class_names(n):
@@ -138,10 +134,7 @@ def to_rgb(img):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    try:
-        return img.convert("RGB")
-    except (ValueError, OSError) as e:
-        raise DataError(f"cannot convert image mode {mode!r} to RGB ({e})") from e
+    return img.convert("RGB")  # a failure is named by the reader (read_image)
 
 
 def _check_img_size(img_size):
@@ -361,9 +354,9 @@ def _numbering(labels, first, classes):
 
 
 class IndexingLog:
-    """What indexing found besides usable items: every file, folder or row not taken, with why, in
-    skipped; the folders walked (seen: real paths, so each is read once); items dropped on purpose
-    (AffectNet's labels outside the chosen classes)."""
+    """What indexing found besides usable items: every file, folder or row not taken, with why
+    (skipped); the real paths of the folders walked (seen: each is read once); items dropped on
+    purpose (AffectNet's labels outside the chosen classes)."""
 
     def __init__(self, skip_bad_images):
         self.skip_bad_images = skip_bad_images
@@ -398,11 +391,11 @@ class IndexingLog:
 
 def skipped_line(skipped):
     """[(name, reason[, detail])] -> "skipped 3 files: not an image 2, hidden 1" (and the first detail)."""
-    counts = collections.Counter(s[1] for s in skipped)
+    counts, n = collections.Counter(s[1] for s in skipped), len(skipped)
     kinds = {"row" if reason == "bad row" else "file" for reason in counts}
-    first = next((f"{s[0]}: {s[2]}" for s in skipped if len(s) > 2 and s[2]), None)
-    return (f"skipped {len(skipped)} {kinds.pop() if len(kinds) == 1 else 'item'}{'s' * (len(skipped) != 1)}: "
-            + ", ".join(f"{reason} {n}" for reason, n in counts.items()) + (f" (first: {first})" if first else ""))
+    first = next((f" (first: {s[0]}: {s[2]})" for s in skipped if len(s) > 2 and s[2]), "")
+    noun = kinds.pop() if len(kinds) == 1 else "item"
+    return f"skipped {n} {noun}{'s' * (n != 1)}: " + ", ".join(f"{r} {k}" for r, k in counts.items()) + first
 
 
 def _listing(folder, report=None, images=True):
@@ -418,17 +411,12 @@ def _listing(folder, report=None, images=True):
         return [], []
     folders, files = [], []
     for e in entries:
-        if e.name.startswith(HIDDEN):
-            why = "hidden"
-        elif e.is_dir():  # a linked folder too
-            folders.append(e.name)
-            continue
-        elif images and e.name.lower().endswith(IMG_EXTENSIONS):
-            files.append(e.name)
-            continue
-        else:
-            why = "not an image" if images else "outside the class folders"
-        if report is not None:
+        image = images and e.name.lower().endswith(IMG_EXTENSIONS)
+        why = ("hidden" if e.name.startswith(HIDDEN) else None if e.is_dir() or image  # is_dir: a linked folder too
+               else "not an image" if images else "outside the class folders")
+        if why is None:
+            (folders if e.is_dir() else files).append(e.name)
+        elif report is not None:
             report.skip(e.path, why)
     return folders, files
 
@@ -475,26 +463,25 @@ def _split_dirs(root, folders=None):
 
 
 def _tree_dirs(root, report):
-    """A folder tree's splits -> ({split: folder}, {split: its subfolder names}, what the test split
-    is): ROOT/{train,[val],test}/, or {"all": ROOT} for a flat tree. train/ and val/ (or valid/)
-    without test/ is POSTER V2's RAF-DB layout: valid/ is the test split (the accuracy POSTER V2
-    reports) and validation is carved from train."""
+    """A folder tree -> ({split: folder}, {split: its subfolder names}, what the test split is):
+    ROOT/{train,[val],test}/, or {"all": ROOT} for a flat tree. train/ with val/ (or valid/) and no
+    test/ is POSTER V2's RAF-DB layout: valid/ is the test split (the accuracy POSTER V2 reports)."""
     folders = _listing(root, report, images=False)[0]
     dirs = _split_dirs(root, folders)
+    deeper = [d for d in folders if not dirs and _split_dirs(os.path.join(root, d))]
+    for d in deeper[:1]:
+        raise DataError(f"{root} holds {d}/ with the split folders inside: the dataset is one level down; "
+                        f"give {os.path.join(root, d)} as its path (expected {TREE_LAYOUT})")
     if not dirs:
-        for d in (d for d in folders if _split_dirs(os.path.join(root, d))):
-            raise DataError(f"{root} holds {d}/ with the split folders inside: the dataset is one level down; "
-                            f"give {os.path.join(root, d)} as its path (expected {TREE_LAYOUT})")
         return {"all": root}, {"all": folders}, None
-    for d in folders:
-        if d.lower() not in _SPLIT_NAMES:
-            report.skip(os.path.join(root, d), "not a split folder")
+    for d in (d for d in folders if d.lower() not in _SPLIT_NAMES):
+        report.skip(os.path.join(root, d), "not a split folder")
     if "train" not in dirs or not {"test", "val"} & set(dirs):
         raise DataError(f"{root} has {', '.join(os.path.basename(p) + '/' for p in dirs.values())} but needs "
                         f"train/ and test/ (or valid/): expected {TREE_LAYOUT}")
-    test_source = dirs["test"] if "test" in dirs else f"{dirs['val']} (no test/: as in POSTER V2, it is the test split)"
-    if "test" not in dirs:
-        dirs["test"] = dirs.pop("val")
+    test_source = dirs["test"] if "test" in dirs else (
+        f"{dirs['val']} (no test/: as in POSTER V2, {os.path.basename(dirs['val'])}/ is the test split)")
+    dirs["test"] = dirs.get("test") or dirs.pop("val")
     return dirs, {split: _listing(sdir, report, images=False)[0] for split, sdir in dirs.items()}, test_source
 
 
@@ -517,10 +504,12 @@ def _tree_classes(fmt, found, base, affectnet_classes, detected):
             f"CAER-S's class folders are {', '.join(CLASSES)} ('Angry' and other spellings accepted)")
     classes = CLASSES if fmt == "rafdb" else affectnet_class_names(affectnet_classes)
     first, labels = (1, RAFDB_LABELS) if fmt == "rafdb" else (0, AFFECTNET_LABELS)
-    table, name = _numbering(labels, first, classes), "RAF-DB" if fmt == "rafdb" else f"AffectNet-{affectnet_classes}"
-    return classes, table, {y: f"{k} ({labels[int(k) - first]})" for k, y in table.items() if isinstance(y, int)}, name, (
-        f"{name}'s class folders are numbered ({', '.join(f'{k} {n}' for k, n in enumerate(labels, first))})"
-        + (f", POSTER V2's layout (or give RAF-DB's {RAFDB_LABEL_FILE} and Image/aligned/)" if fmt == "rafdb" else ""))
+    name = "RAF-DB" if fmt == "rafdb" else f"AffectNet-{affectnet_classes}"
+    table = _numbering(labels, first, classes)
+    wanted = {y: f"{k} ({labels[int(k) - first]})" for k, y in table.items() if isinstance(y, int)}
+    numbers = ", ".join(f"{k} {n}" for k, n in enumerate(labels, first))
+    also = f", POSTER V2's layout (or give RAF-DB's {RAFDB_LABEL_FILE} and Image/aligned/)" * (fmt == "rafdb")
+    return classes, table, wanted, name, f"{name}'s class folders are numbered ({numbers}){also}"
 
 
 def _index_tree(root, report, fmt, affectnet_classes=7, detected=False):
@@ -528,9 +517,8 @@ def _index_tree(root, report, fmt, affectnet_classes=7, detected=False):
     (classes, {split: [(path, label)]}, test_source): one class map, one walk per class folder.
     The folders of a dropped class (AffectNet's None, Uncertain, ...) are counted, not checked."""
     dirs, listed, test_source = _tree_dirs(root, report)
-    base = dirs.get("train", root)
-    classes, table, wanted, name, expected = _tree_classes(fmt, listed.get("train", listed.get("all")), base,
-                                                           affectnet_classes, detected)
+    classes, table, wanted, name, expected = _tree_classes(fmt, listed.get("train", listed.get("all")),
+                                                           dirs.get("train", root), affectnet_classes, detected)
     items = {}
     for split, sdir in dirs.items():
         folders = {}  # class index (or a dropped label) -> its folder
@@ -540,15 +528,14 @@ def _index_tree(root, report, fmt, affectnet_classes=7, detected=False):
                 raise DataError(f"unexpected folder {os.path.join(sdir, d)}: {expected}; rename or remove it"
                                 + ", or use --dataset folder to take the folder names as classes" * (fmt != "folder"))
             if y in folders:
-                raise DataError(f"two folders in {sdir} mean the same class: {os.path.basename(folders[y])}/ and {d}/; "
-                                f"merge them")
+                raise DataError(f"{os.path.basename(folders[y])}/ and {d}/ in {sdir} are the same class; merge them")
             folders[y] = os.path.join(sdir, d)
         missing = [wanted[y] for y in wanted if y not in folders]
         if missing and split in ("train", "all"):
-            raise DataError(f"{sdir} lacks the {name} class folders {', '.join(missing)}; add them"
-                            + " (a copy without Contempt is AffectNet-7: --affectnet-classes 7)" * (name == "AffectNet-8"))
+            raise DataError(f"{sdir} lacks the {name} class folders {', '.join(missing)}; add them" + (
+                " (a copy without Contempt is AffectNet-7: --affectnet-classes 7)" * (name == "AffectNet-8")))
         items[split] = []
-        for y in sorted(y for y in folders if isinstance(y, int)) + [y for y in folders if isinstance(y, str)]:
+        for y in sorted(folders, key=lambda y: (isinstance(y, str), 0 if isinstance(y, str) else y)):  # dropped last
             files = walk(folders[y], report, check=isinstance(y, int))
             if isinstance(y, str):
                 report.dropped[y] += len(files)
@@ -803,8 +790,7 @@ class Splits:
             lines.append(f"dropped (not among the {len(self.classes)} classes): {sum(dropped.values())} "
                          f"({', '.join(f'{k} {v}' for k, v in dropped.items())})")
         runtime = sorted({n for s in SPLITS for n in getattr(getattr(self, s), "runtime_skipped", [])})
-        if skipped:
-            lines.append(skipped_line(skipped))
+        lines += [skipped_line(skipped)] * bool(skipped)
         if runtime:
             lines.append(f"skipped {len(runtime)} while reading (unreadable; first: {runtime[0]})")
         drawn = info.get("drawn")
@@ -882,7 +868,8 @@ def load_datasets(root=None, fmt="auto", img_size=DEFAULT_IMG_SIZE, val_fraction
             raise DataError(f"FER2013 csv not found: {csv_path}")
         classes, sources = _index_fer2013(csv_path, report)
     else:
-        classes, sources, test_source = _file_sources(root, fmt, report, seed, affectnet_classes, crop_face, detected)
+        classes, sources, test_source = _file_sources(root, fmt, report, seed, affectnet_classes, crop_face,
+                                                      detected)
 
     train_tf = ImageTransform(img_size, hflip=hflip, normalize=normalize, random_erasing=random_erasing,
                               erasing_scale=erasing_scale)

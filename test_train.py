@@ -1136,7 +1136,7 @@ def test_data_walk_follows_linked_folders_and_counts_every_skip_by_reason(tmp_pa
     root = make_linked_tree(tmp_path / "tree")
     with pytest.raises(DataError) as e:
         load_datasets(root, img_size=SIZE)
-    assert "caf\\xe9.png: not a readable image" in str(e.value)
+    assert "caf\\udce9.png: not a readable image" in str(e.value)
     s = load_datasets(root, img_size=SIZE, skip_bad_images=True, val_fraction=0.0)
     assert s.counts()["train"] == [4 + 3, 4]
     assert sorted(os.path.relpath(s.train.source.name(i), root) for i, y in zip(s.train.indices, s.train.labels)
@@ -1144,7 +1144,7 @@ def test_data_walk_follows_linked_folders_and_counts_every_skip_by_reason(tmp_pa
     check_labels_by_color(s.train, s.classes)
     line = next(line for line in s.summary().splitlines() if line.startswith("skipped"))
     assert line.startswith("skipped 4 files: hidden 1, not an image 1, linked folder read already 1, unreadable 1 "
-                           f"(first: {tmp_path / 'tree' / 'train' / 'b'}/caf\\xe9.png: not a readable image")
+                           f"(first: {tmp_path / 'tree' / 'train' / 'b'}/caf\\udce9.png: not a readable image")
     terminal = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
     print(s.summary(), file=terminal)
     terminal.flush()
