@@ -7,20 +7,23 @@ Datasets yielding (image float tensor (3, H, W), int label). Supported formats:
                  (the paper's data; `Angry` and other common spellings are accepted).
   - "folder":    any ImageFolder-style tree: ROOT/<class>/* or ROOT/{train,[val],test}/<class>/*;
                  classes are the sorted folder names, one index map shared by every split.
-  - "rafdb":     RAF-DB basic, EmoLabel/list_patition_label.txt + Image/aligned/*_aligned.jpg.
+  - "rafdb":     RAF-DB basic, EmoLabel/list_patition_label.txt + Image/aligned/*_aligned.jpg, or
+                 POSTER V2's tree ROOT/{train,valid}/{1..7}/* in RAF-DB's numbering.
   - "fer2013":   fer2013.csv (emotion, pixels, Usage), 48x48 grey images.
-  - "affectnet": AffectNet, training.csv + validation.csv (subDirectory_filePath, face_x, face_y,
-                 face_width, face_height, facial_landmarks, expression, valence, arousal) with the
-                 images under Manually_Annotated_Images/ (or ROOT/); or, given explicitly, the
-                 numbered ImageFolder copies ROOT/[{train,[val],test}/]{0..7}/* in AffectNet's
+  - "affectnet": AffectNet, training.csv + validation.csv (subDirectory_filePath, face box, landmarks,
+                 expression, valence, arousal) with the images under Manually_Annotated_Images/ (or
+                 ROOT/); or the numbered trees ROOT/[{train,[val],test}/]{0..7}/* in AffectNet's
                  numbering. 7 classes (CLASSES) or 8 (+ Contempt); None/Uncertain/No-Face dropped.
   - "synthetic": procedurally drawn faces (the default when root is None); needs no files.
-For the basic emotions the class order is always CLASSES (CAER-S order), whatever order the
-source format uses, so a label means the same emotion for every dataset.
+For the basic emotions the class order is always CLASSES (CAER-S order), whatever order the source
+uses, so a label means the same emotion for every dataset. Numbered class folders are a dataset's
+own labels: read as RAF-DB's or AffectNet's when that format is given, refused when detected.
 
-Validation is 10 % of train, stratified per class, seeded, moved out of train (not copied),
-unless the format brings its own validation split (FER2013 PublicTest, a folder tree's val/).
-AffectNet's official validation set is its test set, as in the literature.
+Every folder tree is read by one walk (linked folders followed, each real folder once, every file
+not taken counted by why) and every image by one reader (EXIF orientation applied). Validation is
+10 % of train, stratified per class, seeded, moved out of train (not copied), unless the format
+brings its own (FER2013 PublicTest, a tree's val/ beside test/); a tree's val/ without test/ is its
+test split (POSTER V2's RAF-DB), as AffectNet's official validation set is its test set.
 Bad data never crashes with a traceback and is never mislabelled silently: each problem raises
 DataError with a message naming the file/line and the fix, or, with skip_bad_images=True, bad
 images and rows are skipped and counted in the summary.
