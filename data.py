@@ -407,10 +407,8 @@ def _listing(folder, report=None, images=True):
     try:
         with os.scandir(folder) as it:
             entries = sorted(it, key=lambda e: e.name)
-    except OSError as e:
-        if report is None:
-            raise DataError(f"cannot list the folder {folder}: {e.strerror}") from e
-        report.bad(folder, f"cannot list the folder ({e.strerror})", "Fix it or pass --skip-bad-images", "unreadable")
+    except OSError as e:  # without a report: raised
+        (report or IndexingLog(False)).bad(folder, f"cannot list it ({e.strerror})", "Fix its permissions", "unreadable")
         return [], []
     folders, files = [], []
     for e in entries:
@@ -490,8 +488,8 @@ def _tree_dirs(root, report):
 
 def _tree_classes(fmt, found, base, affectnet_classes, detected):
     """How a folder-tree format reads class folder names (found: those of train/ or ROOT) ->
-    (classes, {folder name or its lower case: class index, or the label of a dropped class},
-    {class index: the folder it needs}, the format's name, what its class folders are)."""
+    (classes, {folder name or its lower case: class index, or the label of a dropped class}, the
+    format's name, what its class folders are). Every class needs a folder in train/ (or ROOT)."""
     if fmt == "folder":
         if detected and all(d.isdigit() for d in found):
             raise DataError(f"the class folders of {base} are numbers ({', '.join(found)}), a dataset's own labels: "
@@ -500,19 +498,18 @@ def _tree_classes(fmt, found, base, affectnet_classes, detected):
         if len(found) < 2:
             raise DataError(f"{base} has {len(found)} class folder(s) {found}; a classifier needs two or more: "
                             f"expected {TREE_LAYOUT}")
-        return tuple(found), {d: y for y, d in enumerate(found)}, {}, "", (
+        return tuple(found), {d: y for y, d in enumerate(found)}, "", (
             f"the classes are the folders of {base} ({', '.join(found)}); every split uses the same class folders")
     if fmt == "caer":
-        return CLASSES, {a: CLASSES.index(c) for a, c in CLASS_ALIASES.items()}, dict(enumerate(CLASSES)), "CAER-S", (
+        return CLASSES, {a: CLASSES.index(c) for a, c in CLASS_ALIASES.items()}, "CAER-S", (
             f"CAER-S's class folders are {', '.join(CLASSES)} ('Angry' and other spellings accepted)")
     classes = CLASSES if fmt == "rafdb" else affectnet_class_names(affectnet_classes)
     first, labels = (1, RAFDB_LABELS) if fmt == "rafdb" else (0, AFFECTNET_LABELS)
     name = "RAF-DB" if fmt == "rafdb" else f"AffectNet-{affectnet_classes}"
     table = _numbering(labels, first, classes)
-    wanted = {y: f"{k} ({labels[int(k) - first]})" for k, y in table.items() if isinstance(y, int)}
     numbers = ", ".join(f"{k} {n}" for k, n in enumerate(labels, first))
     also = f", POSTER V2's layout (or give RAF-DB's {RAFDB_LABEL_FILE} and Image/aligned/)" * (fmt == "rafdb")
-    return classes, table, wanted, name, f"{name}'s class folders are numbered ({numbers}){also}"
+    return classes, table, name, f"{name}'s class folders are numbered ({numbers}){also}"
 
 
 def _index_tree(root, report, fmt, affectnet_classes=7, detected=False):
@@ -520,7 +517,7 @@ def _index_tree(root, report, fmt, affectnet_classes=7, detected=False):
     (classes, {split: [(path, label)]}, test_source): one class map, one walk per class folder.
     The folders of a dropped class (AffectNet's None, Uncertain, ...) are counted, not checked."""
     dirs, listed, test_source = _tree_dirs(root, report)
-    classes, table, wanted, name, expected = _tree_classes(fmt, listed.get("train", listed.get("all")),
+    classes, table, name, expected = _tree_classes(fmt, listed.get("train", listed.get("all")),
                                                            dirs.get("train", root), affectnet_classes, detected)
     items = {}
     for split, sdir in dirs.items():
@@ -533,7 +530,8 @@ def _index_tree(root, report, fmt, affectnet_classes=7, detected=False):
             if y in folders:
                 raise DataError(f"{os.path.basename(folders[y])}/ and {d}/ in {sdir} are the same class; merge them")
             folders[y] = os.path.join(sdir, d)
-        missing = [wanted[y] for y in wanted if y not in folders]
+        number = {y: k for k, y in table.items() if k.isdigit()}  # a numbered format's folder of each class
+        missing = [f"{number[y]} ({c})" if y in number else c for y, c in enumerate(classes) if y not in folders]
         if missing and split in ("train", "all"):
             raise DataError(f"{sdir} lacks the {name} class folders {', '.join(missing)}; add them" + (
                 " (a copy without Contempt is AffectNet-7: --affectnet-classes 7)" * (name == "AffectNet-8")))
