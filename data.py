@@ -7,20 +7,23 @@ Datasets yielding (image float tensor (3, H, W), int label). Supported formats:
                  (the paper's data; `Angry` and other common spellings are accepted).
   - "folder":    any ImageFolder-style tree: ROOT/<class>/* or ROOT/{train,[val],test}/<class>/*;
                  classes are the sorted folder names, one index map shared by every split.
-  - "rafdb":     RAF-DB basic, EmoLabel/list_patition_label.txt + Image/aligned/*_aligned.jpg.
+  - "rafdb":     RAF-DB basic, EmoLabel/list_patition_label.txt + Image/aligned/*_aligned.jpg, or
+                 POSTER V2's tree ROOT/{train,valid}/{1..7}/* in RAF-DB's numbering.
   - "fer2013":   fer2013.csv (emotion, pixels, Usage), 48x48 grey images.
-  - "affectnet": AffectNet, training.csv + validation.csv (subDirectory_filePath, face_x, face_y,
-                 face_width, face_height, facial_landmarks, expression, valence, arousal) with the
-                 images under Manually_Annotated_Images/ (or ROOT/); or, given explicitly, the
-                 numbered ImageFolder copies ROOT/[{train,[val],test}/]{0..7}/* in AffectNet's
+  - "affectnet": AffectNet, training.csv + validation.csv (subDirectory_filePath, face box, landmarks,
+                 expression, valence, arousal) with the images under Manually_Annotated_Images/ (or
+                 ROOT/); or the numbered trees ROOT/[{train,[val],test}/]{0..7}/* in AffectNet's
                  numbering. 7 classes (CLASSES) or 8 (+ Contempt); None/Uncertain/No-Face dropped.
   - "synthetic": procedurally drawn faces (the default when root is None); needs no files.
-For the basic emotions the class order is always CLASSES (CAER-S order), whatever order the
-source format uses, so a label means the same emotion for every dataset.
+For the basic emotions the class order is always CLASSES (CAER-S order), whatever order the source
+uses, so a label means the same emotion for every dataset. Numbered class folders are a dataset's
+own labels: read as RAF-DB's or AffectNet's when that format is given, refused when detected.
 
-Validation is 10 % of train, stratified per class, seeded, moved out of train (not copied),
-unless the format brings its own validation split (FER2013 PublicTest, a folder tree's val/).
-AffectNet's official validation set is its test set, as in the literature.
+Every folder tree is read by one walk (linked folders followed, each real folder once, every file
+not taken counted by why) and every image by one reader (EXIF orientation applied). Validation is
+10 % of train, stratified per class, seeded, moved out of train (not copied), unless the format
+brings its own (FER2013 PublicTest, a tree's val/ beside test/); a tree's val/ without test/ is its
+test split (POSTER V2's RAF-DB), as AffectNet's official validation set is its test set.
 Bad data never crashes with a traceback and is never mislabelled silently: each problem raises
 DataError with a message naming the file/line and the fix, or, with skip_bad_images=True, bad
 images and rows are skipped and counted in the summary.
@@ -32,6 +35,7 @@ exactly as image-by-image augmentation would, so a resumed run replays the same 
 
 import collections
 import csv
+import glob
 import hashlib
 import itertools
 import math
@@ -43,7 +47,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFile, ImageOps, UnidentifiedImageError
 
 import facerwkv
 
@@ -58,6 +62,7 @@ CLASS_ALIASES = {"anger": "Anger", "angry": "Anger", "disgust": "Disgust", "disg
                  "joy": "Happy", "neutral": "Neutral", "calm": "Neutral", "sad": "Sad", "sadness": "Sad",
                  "surprise": "Surprise", "surprised": "Surprise"}
 RAFDB_LABELS = ("Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral")  # 1..7
+RAFDB_LABEL_FILE = os.path.join("EmoLabel", "list_patition_label.txt")
 FER2013_LABELS = ("Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral")  # 0..6
 FER2013_USAGE = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
 # AffectNet's expression column, 0..10; AffectNet-7 keeps 0-6, AffectNet-8 keeps 0-7
@@ -77,7 +82,17 @@ TEST_FRACTION = 0.2  # a flat folder tree (no train/ test/) keeps this stratifie
 
 
 class DataError(Exception):
-    """A user-facing data problem (layout, file, label); the message says what and how to fix it."""
+    """A user-facing data problem (layout, file, label); the message says what and how to fix it,
+    its file names printable whatever their encoding (shown)."""
+
+    def __init__(self, message):
+        super().__init__(shown(message))
+
+
+def shown(text):
+    """Text naming files, printable on a strict UTF-8 terminal: the bytes of a file name that are not
+    UTF-8 (a Latin-1 name from an old archive, which Python holds as surrogates) escaped, as \\udce9."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def affectnet_class_names(n):
@@ -122,10 +137,7 @@ def to_rgb(img):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    try:
-        return img.convert("RGB")
-    except (ValueError, OSError) as e:
-        raise DataError(f"cannot convert image mode {mode!r} to RGB ({e})") from e
+    return img.convert("RGB")  # a failure is named by the reader (read_image)
 
 
 def _check_img_size(img_size):
@@ -225,24 +237,27 @@ class ImageTransform:
         return self.batch(np.stack([self.pixels(img)]))[0]  # (3, H, W)
 
 
-def _open_image(path, missing=None, fix="delete it or pass --skip-bad-images"):
-    """Fully decode an image file; any failure becomes a DataError naming the file. `missing` is
-    the message for a file that is not there (default: it vanished after indexing)."""
+def read_image(path, missing=None, fix="delete it or pass --skip-bad-images"):
+    """The one image reader (training, evaluation, prediction): a file -> 8-bit RGB PIL image as a
+    person sees it: fully decoded, turned upright by its EXIF orientation (a phone photo stored on
+    its side, orientation 6), any mode converted by to_rgb. Any failure is a DataError naming the
+    file; `missing` is the message for a file that is not there (default: it vanished after indexing)."""
     try:
         with Image.open(path) as im:
             im.load()
-            return im
+            ImageOps.exif_transpose(im, in_place=True)
+            return to_rgb(im)
     except FileNotFoundError as e:
         raise DataError(missing or f"image file vanished: {path} (was it moved or deleted while training?)") from e
     except Image.DecompressionBombError as e:
         raise DataError(f"image too large: {path} ({e}); shrink it, or {fix}") from e
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except Exception as e:  # a broken file makes Pillow raise OSError, ValueError, SyntaxError, struct.error, ...
         raise DataError(f"cannot read image {path}: {e} (corrupt, truncated or not an image; {fix})") from e
 
 
 def load_image(path, img_size=DEFAULT_IMG_SIZE, normalize=False):
     """One image file -> tensor (3, H, W), with the evaluation transform (for predict)."""
-    img = _open_image(path, missing=f"no such image file: {path}", fix="give another image")
+    img = read_image(path, missing=f"no such image file: {path}", fix="give another image")
     return ImageTransform(img_size, hflip=False, normalize=normalize)(img)
 
 
@@ -266,7 +281,7 @@ class ImageSource:
     def load(self, i):
         if self.images is not None:
             return Image.fromarray(self.images[i])
-        img = _open_image(self.paths[i])
+        img = read_image(self.paths[i])
         return img.crop(self.boxes[i]) if self.boxes is not None else img
 
     def name(self, i):
@@ -326,36 +341,40 @@ class FaceDataset(torch.utils.data.Dataset):
 
 _SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                 "test": "test", "testing": "test"}  # split folder names (any case) -> split
-
-
-def _visible_dirs(path):
-    return sorted(d for d in os.listdir(path) if not d.startswith((".", "__")) and os.path.isdir(os.path.join(path, d)))
+HIDDEN = (".", "__")  # .DS_Store, macOS's ._ forks, .git/, __MACOSX/
+TREE_LAYOUT = "ROOT/<class>/<images> or ROOT/{train,[val],test}/<class>/<images>"
 
 
 def _canonical_class(name):
     return CLASS_ALIASES.get(name.lower())
 
 
-def _split_dirs(root):
-    """{split: path} for a tree with train/ (val/) test/ subfolders (any case), else {}."""
-    found = {_SPLIT_NAMES[d.lower()]: os.path.join(root, d) for d in _visible_dirs(root) if d.lower() in _SPLIT_NAMES}
-    return found if "train" in found else {}
+def _numbering(labels, first, classes):
+    """A dataset's own label numbers (labels[0] is number `first`) -> {number as text: its index in
+    classes, or its label's name when that is not among the classes (an item to drop)}."""
+    named = {str(k): _canonical_class(n) or n for k, n in enumerate(labels, first)}
+    return {k: classes.index(c) if c in classes else c for k, c in named.items()}
 
 
 class IndexingLog:
-    """What indexing found besides good images: skipped bad files and rows, ignored stray files,
-    and items dropped on purpose (AffectNet's labels outside the chosen classes)."""
+    """What indexing found besides usable items: every file, folder or row not taken, with why
+    (skipped); the real paths of the folders walked (seen: each is read once); items dropped on
+    purpose (AffectNet's labels outside the chosen classes)."""
 
     def __init__(self, skip_bad_images):
         self.skip_bad_images = skip_bad_images
-        self.skipped = []  # (name, reason)
-        self.ignored = 0  # stray non-image files
+        self.skipped = []  # (name, reason, detail): hidden, not an image, unreadable, bad row, ...
+        self.seen = set()
         self.dropped = collections.Counter()  # label name -> items dropped
 
-    def bad(self, name, reason, hint):
+    def skip(self, name, reason, detail=""):
+        self.skipped.append((name, reason, detail))
+
+    def bad(self, name, problem, hint, reason="bad row"):
+        """A bad file or row: raised, or with skip_bad_images recorded as skipped."""
         if not self.skip_bad_images:
-            raise DataError(f"{name}: {reason}. {hint}")
-        self.skipped.append((name, reason))
+            raise DataError(f"{name}: {problem}. {hint}")
+        self.skip(name, reason, problem)
 
     def image(self, path, hint="Restore the file, or pass --skip-bad-images", where=None):
         """Cheap check at index time that PIL can identify an image file (it reads only the header)
@@ -369,85 +388,167 @@ class IndexingLog:
             problem = f"image too large ({e})"
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             problem = f"not a readable image ({e})"
-        self.bad(where or path, f"{problem}: {path}" if where else problem, hint)
+        self.bad(where or path, f"{problem}: {path}" if where else problem, hint, "unreadable")
         return None
 
 
-def _scan_class_dir(path, report, split="train", must_have=True):
-    """Readable image files under one class folder (recursively, sorted, hidden entries ignored);
-    none at all is an error in a training (or not yet split) folder."""
-    files = []
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__")))
-        for f in sorted(f for f in filenames if not f.startswith(".")):  # .DS_Store, macOS ._ forks
-            if not f.lower().endswith(IMG_EXTENSIONS):
-                report.ignored += 1
-            elif report.image(os.path.join(dirpath, f), "Delete the file or pass --skip-bad-images to skip it"):
-                files.append(os.path.join(dirpath, f))
-    if not files and must_have and split in ("train", "all"):
-        raise DataError(f"class folder {path} has no readable images")
+def skipped_line(skipped):
+    """[(name, reason[, detail])] -> "skipped 3 files: not an image 2, hidden 1" (and the first detail)."""
+    counts, n = collections.Counter(s[1] for s in skipped), len(skipped)
+    kinds = {"row" if reason == "bad row" else "file" for reason in counts}
+    first = next((f" (first: {s[0]}: {s[2]})" for s in skipped if len(s) > 2 and s[2]), "")
+    noun = kinds.pop() if len(kinds) == 1 else "item"
+    return f"skipped {n} {noun}{'s' * (n != 1)}: " + ", ".join(f"{r} {k}" for r, k in counts.items()) + first
+
+
+def _listing(folder, report=None, images=True):
+    """One folder's entries, sorted -> (subfolder names, image file names); the rest is recorded in
+    report with why: hidden, not an image, or (images False: a layout level) outside the class folders."""
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as e:  # without a report: raised
+        (report or IndexingLog(False)).bad(folder, f"cannot list it ({e.strerror})", "Fix its permissions", "unreadable")
+        return [], []
+    folders, files = [], []
+    for e in entries:
+        image = images and e.name.lower().endswith(IMG_EXTENSIONS)
+        why = ("hidden" if e.name.startswith(HIDDEN) else None if e.is_dir() or image  # is_dir: a linked folder too
+               else "not an image" if images else "outside the class folders")
+        if why is None:
+            (folders if e.is_dir() else files).append(e.name)
+        elif report is not None:
+            report.skip(e.path, why)
+    return folders, files
+
+
+def walk(folder, report, check=True):
+    """The one folder walk: the image files under `folder`, recursively, sorted, through linked
+    folders; each real folder is read once (a link loop, or a second link to a folder already read,
+    is skipped and recorded). check: PIL must identify each file (report.image)."""
+    if os.path.realpath(folder) in report.seen:
+        report.skip(folder, "linked folder read already")
+        return []
+    report.seen.add(os.path.realpath(folder))
+    folders, names = _listing(folder, report)
+    files = [p for p in (os.path.join(folder, n) for n in names)
+             if not check or report.image(p, "Delete the file or pass --skip-bad-images to skip it")]
+    for d in folders:
+        files += walk(os.path.join(folder, d), report, check)
     return files
 
 
-def _index_caer(root, report):
-    """CAER-S: ROOT/train and ROOT/test, each with the 7 emotion folders -> items per split."""
-    dirs, expected = _split_dirs(root), ", ".join(CLASSES)
-    for split in ("train", "test"):
-        if split not in dirs:
-            raise DataError(f"CAER-S layout needs {os.path.join(root, split)}/ with the class folders "
-                            f"{expected} (found: {_visible_dirs(root) or 'nothing'})")
+def image_files(paths):
+    """Bulk prediction's inputs -> (image files, [(name, reason)] skipped). Each path is a file, a
+    folder (every image file under it, by the datasets' walk) or a glob pattern the shell did not
+    expand (`photos/*.jpg`, `**` recursive); a path that matches nothing is skipped, never raised."""
+    report, files = IndexingLog(skip_bad_images=True), []
+    for p in paths:
+        matches = sorted(glob.glob(p, recursive=True)) if glob.has_magic(p) and not os.path.lexists(p) else [p]
+        for m in matches or [p]:
+            if os.path.isdir(m):
+                files += walk(m, report, check=False)
+            elif not os.path.lexists(m):
+                report.skip(m, "matches nothing" if glob.has_magic(m) else "no such file or folder")
+            elif m.lower().endswith(IMG_EXTENSIONS):
+                files.append(m)
+            else:
+                report.skip(m, "not an image")
+    return list(dict.fromkeys(files)), [(n, f"{r} ({d})" if d else r) for n, r, d in report.skipped]
+
+
+def _split_dirs(root, folders=None):
+    """{split: folder} of the split folders among root's subfolders (train, val or valid, test; any case)."""
+    return {_SPLIT_NAMES[d.lower()]: os.path.join(root, d) for d in (folders or _listing(root, images=False)[0])
+            if d.lower() in _SPLIT_NAMES}
+
+
+def _tree_dirs(root, report):
+    """A folder tree -> ({split: folder}, {split: its subfolder names}, what the test split is):
+    ROOT/{train,[val],test}/, or {"all": ROOT} for a flat tree. train/ with val/ (or valid/) and no
+    test/ is POSTER V2's RAF-DB layout: valid/ is the test split (the accuracy POSTER V2 reports)."""
+    folders = _listing(root, report, images=False)[0]
+    dirs = _split_dirs(root, folders)
+    deeper = [d for d in folders if not dirs and _split_dirs(os.path.join(root, d))]
+    for d in deeper[:1]:
+        raise DataError(f"{root} holds {d}/ with the split folders inside: the dataset is one level down; "
+                        f"give {os.path.join(root, d)} as its path (expected {TREE_LAYOUT})")
+    if not dirs:
+        return {"all": root}, {"all": folders}, None
+    for d in (d for d in folders if d.lower() not in _SPLIT_NAMES):
+        report.skip(os.path.join(root, d), "not a split folder")
+    if "train" not in dirs or not {"test", "val"} & set(dirs):
+        raise DataError(f"{root} has {', '.join(os.path.basename(p) + '/' for p in dirs.values())} but needs "
+                        f"train/ and test/ (or valid/): expected {TREE_LAYOUT}")
+    test_source = dirs["test"] if "test" in dirs else (
+        f"{dirs['val']} (no test/: as in POSTER V2, {os.path.basename(dirs['val'])}/ is the test split)")
+    dirs["test"] = dirs.get("test") or dirs.pop("val")
+    return dirs, {split: _listing(sdir, report, images=False)[0] for split, sdir in dirs.items()}, test_source
+
+
+def _tree_classes(fmt, found, base, affectnet_classes, detected):
+    """How a folder-tree format reads class folder names (found: those of train/ or ROOT) ->
+    (classes, {folder name or its lower case: class index, or the label of a dropped class}, the
+    format's name, what its class folders are). Every class needs a folder in train/ (or ROOT)."""
+    if fmt == "folder":
+        if detected and all(d.isdigit() for d in found):
+            raise DataError(f"the class folders of {base} are numbers ({', '.join(found)}), a dataset's own labels: "
+                            f"say whose with --dataset rafdb (RAF-DB's 1-7), --dataset affectnet (AffectNet's 0-7), "
+                            f"or --dataset folder to take the numbers as class names")
+        if len(found) < 2:
+            raise DataError(f"{base} has {len(found)} class folder(s) {found}; a classifier needs two or more: "
+                            f"expected {TREE_LAYOUT}")
+        return tuple(found), {d: y for y, d in enumerate(found)}, "", (
+            f"the classes are the folders of {base} ({', '.join(found)}); every split uses the same class folders")
+    if fmt == "caer":
+        return CLASSES, {a: CLASSES.index(c) for a, c in CLASS_ALIASES.items()}, "CAER-S", (
+            f"CAER-S's class folders are {', '.join(CLASSES)} ('Angry' and other spellings accepted)")
+    classes = CLASSES if fmt == "rafdb" else affectnet_class_names(affectnet_classes)
+    first, labels = (1, RAFDB_LABELS) if fmt == "rafdb" else (0, AFFECTNET_LABELS)
+    name = "RAF-DB" if fmt == "rafdb" else f"AffectNet-{affectnet_classes}"
+    table = _numbering(labels, first, classes)
+    numbers = ", ".join(f"{k} {n}" for k, n in enumerate(labels, first))
+    also = f", POSTER V2's layout (or give RAF-DB's {RAFDB_LABEL_FILE} and Image/aligned/)" * (fmt == "rafdb")
+    return classes, table, name, f"{name}'s class folders are numbered ({numbers}){also}"
+
+
+def _index_tree(root, report, fmt, affectnet_classes=7, detected=False):
+    """Every folder-tree format (CAER-S, ImageFolder, RAF-DB's and AffectNet's numbered folders) ->
+    (classes, {split: [(path, label)]}, test_source): one class map, one walk per class folder.
+    The folders of a dropped class (AffectNet's None, Uncertain, ...) are counted, not checked."""
+    dirs, listed, test_source = _tree_dirs(root, report)
+    classes, table, name, expected = _tree_classes(fmt, listed.get("train", listed.get("all")),
+                                                           dirs.get("train", root), affectnet_classes, detected)
     items = {}
     for split, sdir in dirs.items():
-        folders = {}  # class -> its folder (as spelled on disk: Angry/ for Anger)
-        for d in _visible_dirs(sdir):
-            c = _canonical_class(d)
-            if c is None:
-                raise DataError(f"unknown class folder {os.path.join(sdir, d)}: CAER-S expects {expected} "
-                                f"('Angry' is accepted for 'Anger'); rename or remove it, or use "
-                                f"--dataset folder to take the folder names as classes")
-            if c in folders:
-                raise DataError(f"two folders in {sdir} mean the same class {c}; merge them")
-            folders[c] = os.path.join(sdir, d)
-        missing = [c for c in CLASSES if c not in folders]
-        if missing:
-            raise DataError(f"{sdir} lacks class folders {', '.join(missing)} (CAER-S has {expected})")
-        items[split] = [(p, y) for y, c in enumerate(CLASSES) for p in _scan_class_dir(folders[c], report)]
-    return CLASSES, items
-
-
-_AFFECTNET_HINT = "; if this is AffectNet, --dataset affectnet reads them in its numbering, val/ as test"
-
-
-def _index_folder(root, report):
-    """ImageFolder tree: classes = sorted folder names of train (or of ROOT), same map everywhere."""
-    dirs = _split_dirs(root) or {"all": root}
-    base = dirs.get("train", root)
-    classes = tuple(_visible_dirs(base))
-    if not classes:
-        raise DataError(f"no class folders in {base}: expected {base}/<class name>/<images>, "
-                        f"optionally under train/ and test/ (and val/)")
-    if "train" in dirs and "test" not in dirs:
-        raise DataError(f"{root} has train/ but no test/: add a test/ folder (or rename val/ to test/; "
-                        f"validation is then carved out of train)"
-                        + (_AFFECTNET_HINT if all(c.isdigit() for c in classes) else ""))
-    items = {}
-    for split, sdir in dirs.items():
-        names = _visible_dirs(sdir)
-        unknown = [n for n in names if n not in classes]
-        if unknown:
-            raise DataError(f"class folders {unknown} in {sdir} are not in {base} (classes: {list(classes)}); "
-                            f"every split must use the same class folders")
-        items[split] = [(p, y) for y, c in enumerate(classes) if c in names
-                        for p in _scan_class_dir(os.path.join(sdir, c), report, split)]
-    return classes, items
+        folders = {}  # class index (or a dropped label) -> its folder
+        for d in listed[split]:
+            y = table.get(d, table.get(d.lower(), -1))
+            if y == -1:
+                raise DataError(f"unexpected folder {os.path.join(sdir, d)}: {expected}; rename or remove it"
+                                + ", or use --dataset folder to take the folder names as classes" * (fmt != "folder"))
+            if y in folders:
+                raise DataError(f"{os.path.basename(folders[y])}/ and {d}/ in {sdir} are the same class; merge them")
+            folders[y] = os.path.join(sdir, d)
+        number = {y: k for k, y in table.items() if k.isdigit()}  # a numbered format's folder of each class
+        missing = [f"{number[y]} ({c})" if y in number else c for y, c in enumerate(classes) if y not in folders]
+        if missing and split in ("train", "all"):
+            raise DataError(f"{sdir} lacks the {name} class folders {', '.join(missing)}; add them" + (
+                " (a copy without Contempt is AffectNet-7: --affectnet-classes 7)" * (name == "AffectNet-8")))
+        items[split] = []
+        for y in sorted(folders, key=lambda y: (isinstance(y, str), 0 if isinstance(y, str) else y)):  # dropped last
+            files = walk(folders[y], report, check=isinstance(y, int))
+            if isinstance(y, str):
+                report.dropped[y] += len(files)
+            elif not files and split in ("train", "all"):
+                raise DataError(f"class folder {folders[y]} has no readable images")
+            items[split] += [(p, y) for p in files if isinstance(y, int)]
+    return classes, items, test_source
 
 
 def _index_rafdb(root, report):
     """RAF-DB basic: label file lines `train_00001.jpg 5` (1..7) -> aligned image paths."""
-    label_file = os.path.join(root, "EmoLabel", "list_patition_label.txt")
-    if not os.path.isfile(label_file):
-        raise DataError(f"RAF-DB label file not found: {label_file} (expected ROOT/EmoLabel/"
-                        f"list_patition_label.txt and ROOT/Image/aligned/)")
+    label_file = os.path.join(root, RAFDB_LABEL_FILE)
     img_dir = os.path.join(root, "Image", "aligned")
     if not os.path.isdir(img_dir):
         raise DataError(f"RAF-DB image folder not found: {img_dir}")
@@ -512,12 +613,6 @@ def _index_fer2013(csv_path, report):
                                         names=[n for _, _, n in r]) for split, r in rows.items() if r}
 
 
-def _affectnet_to_ours(n_classes):
-    """The class index, in affectnet_class_names(n_classes), of each kept AffectNet expression."""
-    names = affectnet_class_names(n_classes)
-    return [names.index(_canonical_class(e) or e) for e in AFFECTNET_LABELS[:n_classes]]
-
-
 def _affectnet_csv_dir(root):
     """Where training.csv and validation.csv are (either of them marks the folder): ROOT, or the
     official Manually_Annotated_file_lists/."""
@@ -532,7 +627,7 @@ def _index_affectnet(root, report, n_classes, crop_face):
     with crop_face, face boxes per split. training.csv is train, validation.csv is test."""
     csv_dir, img_root = _affectnet_csv_dir(root), os.path.join(root, "Manually_Annotated_Images")
     img_root = img_root if os.path.isdir(img_root) else root  # a copy with the images right under ROOT
-    to_ours = _affectnet_to_ours(n_classes)
+    to_ours = _numbering(AFFECTNET_LABELS, 0, affectnet_class_names(n_classes))
     box_cols = ["face_x", "face_y", "face_width", "face_height"] if crop_face else []
     items, boxes = {}, {}
     for split, name in AFFECTNET_CSVS.items():
@@ -567,8 +662,8 @@ def _index_affectnet(root, report, n_classes, crop_face):
             if not 0 <= expression <= 10:
                 report.bad(where, f"expression {expression} out of range 0..10", "Fix the label")
                 continue
-            if expression >= n_classes:  # Contempt for AffectNet-7; None, Uncertain, No-Face always
-                report.dropped[AFFECTNET_LABELS[expression]] += 1
+            if isinstance(to_ours[str(expression)], str):  # Contempt for AffectNet-7; None, Uncertain, No-Face
+                report.dropped[to_ours[str(expression)]] += 1
                 continue
             img_path = os.path.join(img_root, rel)
             size = report.image(img_path, where=where)
@@ -581,42 +676,10 @@ def _index_affectnet(root, report, n_classes, crop_face):
                                f"{size[0]}x{size[1]} image {img_path}", "Fix the row, or drop --crop-face")
                     continue
                 boxes[split].append(box)
-            items[split].append((img_path, to_ours[expression]))
+            items[split].append((img_path, to_ours[str(expression)]))
         if not items[split]:
             raise DataError(f"{path} lists no usable images of the {n_classes} classes")
     return affectnet_class_names(n_classes), items, (boxes if crop_face else None)
-
-
-def _index_affectnet_folders(root, report, n_classes):
-    """The numbered ImageFolder copies of AffectNet: ROOT/[{train,[val],test}/]{0..7}/* with
-    folders named by AffectNet's expression number. A copy with train/ and val/ but no test/ holds
-    the official validation set in val/: it becomes the test split."""
-    dirs = _split_dirs(root) or {"all": root}
-    if "test" not in dirs and "val" in dirs:
-        dirs["test"] = dirs.pop("val")
-    if "train" in dirs and "test" not in dirs:
-        raise DataError(f"{root} has train/ but no test/ (or val/): add AffectNet's validation set as test/")
-    to_ours = _affectnet_to_ours(n_classes)
-    numbering = ", ".join(f"{k} {n}" for k, n in enumerate(AFFECTNET_LABELS[:8]))
-    items = {}
-    for split, sdir in dirs.items():
-        items[split], folders = [], _visible_dirs(sdir)
-        for d in folders:
-            if not (d.isdigit() and int(d) < len(AFFECTNET_LABELS)):
-                raise DataError(f"unexpected folder {os.path.join(sdir, d)}: AffectNet's class folders are "
-                                f"numbered ({numbering}); rename or remove it, or use --dataset folder")
-        for d in sorted(folders, key=int):
-            e = int(d)
-            files = _scan_class_dir(os.path.join(sdir, d), report, split, must_have=e < n_classes)
-            if e >= n_classes:
-                report.dropped[AFFECTNET_LABELS[e]] += len(files)
-            else:
-                items[split] += [(p, to_ours[e]) for p in files]
-        missing = [f"{k} ({AFFECTNET_LABELS[k]})" for k in range(n_classes) if str(k) not in folders]
-        if missing and split in ("train", "all"):
-            raise DataError(f"{sdir} lacks the AffectNet-{n_classes} class folders {', '.join(missing)}; "
-                            f"add them (a copy without Contempt is AffectNet-7: --affectnet-classes 7)")
-    return affectnet_class_names(n_classes), items
 
 
 def detect_format(root):
@@ -631,12 +694,12 @@ def detect_format(root):
         raise DataError(f"{root} is a file; give a dataset folder or a fer2013.csv")
     if os.path.isfile(os.path.join(root, "fer2013.csv")):
         return "fer2013"
-    if os.path.isfile(os.path.join(root, "EmoLabel", "list_patition_label.txt")):
+    if os.path.isfile(os.path.join(root, RAFDB_LABEL_FILE)):
         return "rafdb"
     if _affectnet_csv_dir(root):
         return "affectnet"
     dirs = _split_dirs(root)  # CAER-S: a train/ whose class folders are mostly the basic emotions
-    if dirs and sum(_canonical_class(n) is not None for n in _visible_dirs(dirs["train"])) >= 4:
+    if "train" in dirs and sum(_canonical_class(n) is not None for n in _listing(dirs["train"])[0]) >= 4:
         return "caer"
     return "folder"
 
@@ -728,14 +791,9 @@ class Splits:
             lines.append(f"dropped (not among the {len(self.classes)} classes): {sum(dropped.values())} "
                          f"({', '.join(f'{k} {v}' for k, v in dropped.items())})")
         runtime = sorted({n for s in SPLITS for n in getattr(getattr(self, s), "runtime_skipped", [])})
-        if skipped or runtime:
-            first = (skipped[0][0] + ": " + skipped[0][1]) if skipped else runtime[0]
-            lines.append(f"skipped bad items: {len(skipped)} while indexing, {len(runtime)} while reading "
-                         f"(first: {first})")
-        if info.get("ignored"):
-            lines.append(f"ignored non-image files: {info['ignored']}")
-        if info["format"] == "folder" and all(c.isdigit() for c in self.classes):
-            lines.append("note: the class folders are numbers" + _AFFECTNET_HINT)
+        lines += [skipped_line(skipped)] * bool(skipped)
+        if runtime:
+            lines.append(f"skipped {len(runtime)} while reading (unreadable; first: {runtime[0]})")
         drawn = info.get("drawn")
         if drawn and drawn["images"]:
             if drawn.get("from_cache") == drawn["images"]:
@@ -744,26 +802,24 @@ class Splits:
                 how = (f"{drawn['images'] / max(drawn['seconds'], 1e-9):.0f} images/s, {drawn['processes']} processes"
                        + (f"; cache: {drawn['cache_dir']}" if drawn.get("cache_dir") else ""))
             lines.append(f"synthetic faces drawn: {drawn['images']} in {drawn['seconds']:.1f} s ({how})")
-        return "\n".join(lines)
+        return shown("\n".join(lines))
 
 
-def _file_sources(root, fmt, report, seed, affectnet_classes, crop_face):
-    """Index a dataset of image files -> (classes, {split: ImageSource}, what the test split is)."""
+def _file_sources(root, fmt, report, seed, affectnet_classes, crop_face, detected):
+    """Index a dataset of image files -> (classes, {split: ImageSource}, what the test split is).
+    RAF-DB and AffectNet are read from their label files when ROOT has them, else as folder trees."""
     if not os.path.isdir(root):
         raise DataError(f"{root} is not a folder (format {fmt})")
     boxes, test_source = None, None
     if fmt == "affectnet" and _affectnet_csv_dir(root):
         classes, items, boxes = _index_affectnet(root, report, affectnet_classes, crop_face)
         test_source = "AffectNet's official validation set (validation.csv)"
-    elif fmt == "affectnet":
-        if crop_face:
-            raise DataError(f"crop_face needs AffectNet's training.csv and validation.csv, not found in {root}")
-        classes, items = _index_affectnet_folders(root, report, affectnet_classes)
-        dirs = _split_dirs(root)
-        if "val" in dirs and "test" not in dirs:
-            test_source = f"{dirs['val']} (AffectNet's official validation set)"
+    elif fmt == "rafdb" and os.path.isfile(os.path.join(root, RAFDB_LABEL_FILE)):
+        classes, items = _index_rafdb(root, report)
+    elif crop_face:
+        raise DataError(f"crop_face needs AffectNet's training.csv and validation.csv, not found in {root}")
     else:
-        classes, items = {"caer": _index_caer, "folder": _index_folder, "rafdb": _index_rafdb}[fmt](root, report)
+        classes, items, test_source = _index_tree(root, report, fmt, affectnet_classes, detected)
     if "all" in items:  # a flat folder tree: carve out a stratified test split
         keep, held = stratified_split([y for _, y in items["all"]], TEST_FRACTION, seed)
         items = {"train": [items["all"][i] for i in keep], "test": [items["all"][i] for i in held]}
@@ -788,7 +844,8 @@ def load_datasets(root=None, fmt="auto", img_size=DEFAULT_IMG_SIZE, val_fraction
     random_erasing, erasing_scale = check_erasing(random_erasing, erasing_scale)
     if fmt not in ("auto",) + FORMATS:
         raise DataError(f"unknown dataset format {fmt!r}; choose one of auto, {', '.join(FORMATS)}")
-    if fmt == "auto":
+    detected = fmt == "auto"
+    if detected:
         fmt = detect_format(root)
     elif fmt != "synthetic" and (root is None or not os.path.exists(root)):
         raise DataError(f"dataset path not found: {root} (format {fmt} needs a path)")
@@ -812,7 +869,8 @@ def load_datasets(root=None, fmt="auto", img_size=DEFAULT_IMG_SIZE, val_fraction
             raise DataError(f"FER2013 csv not found: {csv_path}")
         classes, sources = _index_fer2013(csv_path, report)
     else:
-        classes, sources, test_source = _file_sources(root, fmt, report, seed, affectnet_classes, crop_face)
+        classes, sources, test_source = _file_sources(root, fmt, report, seed, affectnet_classes, crop_face,
+                                                      detected)
 
     train_tf = ImageTransform(img_size, hflip=hflip, normalize=normalize, random_erasing=random_erasing,
                               erasing_scale=erasing_scale)
@@ -845,7 +903,7 @@ def load_datasets(root=None, fmt="auto", img_size=DEFAULT_IMG_SIZE, val_fraction
                        counts=splits.counts(), val_source=val_source, test_source=test_source,
                        sanity_per_class=sanity_per_class, normalize=normalize, hflip=hflip,
                        random_erasing=random_erasing, erasing_scale=erasing_scale, skipped=report.skipped,
-                       ignored=report.ignored, dropped=dict(report.dropped), drawn=drawn)
+                       dropped=dict(report.dropped), drawn=drawn)
     return splits
 
 

@@ -142,7 +142,9 @@ def test_data_caer_accepts_angry_and_ignores_stray_files(tmp_path):
     assert s.info["format"] == "caer"
     assert sum(s.counts()["train"]) + sum(s.counts()["val"]) == 28
     check_labels_by_color(s.train)
-    assert s.info["ignored"] == 3  # Thumbs.db, desktop.ini, notes.txt; hidden files are not even counted
+    # every stray entry is counted by why: .hidden/, .DS_Store, ._0000.png; Thumbs.db, desktop.ini, notes.txt
+    assert sorted(r for _, r, _ in s.info["skipped"]) == ["hidden"] * 3 + ["not an image"] * 3
+    assert "skipped 6 files: hidden 3, not an image 3" in s.summary().splitlines()
 
 
 def test_data_folder_tree_sorted_classes_one_map_every_split(tmp_path):
@@ -506,11 +508,22 @@ def test_data_huge_image_is_named_or_skipped(tmp_path, monkeypatch):
     assert color_of(x) == COLORS[y] and ds.runtime_skipped == [big]
 
 
-def test_data_folder_tree_with_val_but_no_test_is_a_clear_error(tmp_path):
-    for split in ("train", "val"):
-        for c in ("a", "b"):
-            write_img(str(tmp_path / split / c / "0.png"), COLORS[0])
-    with pytest.raises(DataError, match="no test/.*rename val/ to test/"):
+def test_data_folder_tree_with_train_and_valid_reads_valid_as_test(tmp_path):
+    """POSTER V2's layout: train/ and valid/, no test/. valid/ is the test split (POSTER V2 reports its
+    accuracy there), validation is carved from train/, and the summary says so."""
+    for split, n in (("train", 10), ("valid", 3)):
+        for y, c in enumerate(("a", "b")):
+            for i in range(n):
+                write_img(str(tmp_path / split / c / f"{i}.png"), COLORS[y])
+    s = load_datasets(str(tmp_path), img_size=SIZE)
+    assert s.counts() == {"train": [9, 9], "val": [1, 1], "test": [3, 3]}
+    assert {Path(s.test.source.name(i)).parts[-3] for i in s.test.indices} == {"valid"}
+    assert {Path(s.val.source.name(i)).parts[-3] for i in s.val.indices} == {"train"}
+    assert f"test: {tmp_path / 'valid'} (no test/" in s.summary()
+    for ds in (s.train, s.val, s.test):
+        check_labels_by_color(ds, s.classes)
+    shutil.rmtree(tmp_path / "valid")
+    with pytest.raises(DataError, match="needs train/ and test/ \\(or valid/\\)"):
         load_datasets(str(tmp_path), img_size=SIZE)
 
 
@@ -687,7 +700,7 @@ def test_data_affectnet_missing_image_named_by_line_or_skipped(tmp_path):
         load_datasets(root, img_size=AN_SIZE)
     assert "training.csv line 5" in str(e.value) and victim in str(e.value) and "not found" in str(e.value)
     s = load_datasets(root, img_size=AN_SIZE, skip_bad_images=True, val_fraction=0.0)
-    assert len(s.info["skipped"]) == 1 and "skipped bad items: 1" in s.summary()
+    assert len(s.info["skipped"]) == 1 and "skipped 1 file: unreadable 1 (first: " in s.summary()
     assert s.counts()["train"][CLASSES.index("Happy")] == 2
 
 
@@ -740,10 +753,8 @@ def make_numbered(root, splits=("train", "val"), n=3, folders=range(9)):
 def test_data_affectnet_numbered_folders_mapped_by_affectnet_numbering(tmp_path):
     root = make_numbered(tmp_path / "an")  # train/ and val/ (the official validation set), folders 0..8
     assert data.detect_format(root) == "folder"  # numbers are only AffectNet's when asked for
-    with pytest.raises(DataError, match="no test/.*--dataset affectnet"):
+    with pytest.raises(DataError, match="are numbers.*--dataset rafdb.*--dataset affectnet.*--dataset folder"):
         load_datasets(root, img_size=AN_SIZE)
-    numbered_folder_tree = make_numbered(tmp_path / "other", splits=("train", "test"), n=1)
-    assert "--dataset affectnet" in load_datasets(numbered_folder_tree, img_size=AN_SIZE).summary()
     s = load_datasets(root, fmt="affectnet", img_size=AN_SIZE)
     assert s.classes == CLASSES and s.counts()["test"] == [3] * 7  # val/ is the test split
     assert s.counts()["val"] == [1] * 7 and s.info["dropped"] == {"Contempt": 6, "None": 6}
@@ -1075,6 +1086,130 @@ def test_data_synthetic_face_layer_drawn_premultiplied_pastes_like_rgba():
         expected.paste(turned, (left, top), turned)
         data._paste_rotated(canvas, layers[1], angle, left, top)
         assert np.array_equal(np.asarray(canvas), np.asarray(expected)), f"trial {trial}"
+
+
+# ---- data: the user's own photos and folders ----------------------------------------------------
+
+def test_data_exif_orientation_6_is_read_upright_by_every_route(tmp_path):
+    """A phone JPEG stored on its side with EXIF orientation 6 ("turn 90 degrees clockwise to view")
+    is read as a person sees it: the stored pixels turned clockwise (numpy's rot90), for prediction
+    (load_image) and for training and evaluation (a dataset's items)."""
+    stored = Image.fromarray(np.linspace(0, 255, 12 * 8 * 3).reshape(12, 8, 3).astype(np.uint8))  # 8 wide, 12 high
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "tree" / "test" / "b" / "phone.jpg"
+    os.makedirs(path.parent)
+    stored.save(path, exif=exif, quality=95)
+    with Image.open(path) as im:  # the decoded pixels as stored, turned by numpy
+        upright = torch.from_numpy(np.rot90(np.asarray(im.convert("RGB")), k=-1).copy()).permute(2, 0, 1) / 255
+    assert upright.shape == (3,) + SIZE
+    assert torch.allclose(data.load_image(str(path), SIZE), upright, atol=1e-6)
+    for split, n in (("train", 2), ("test", 1)):
+        for c in ("a", "b"):
+            for i in range(n):
+                write_img(str(tmp_path / "tree" / split / c / f"{i}.png"), COLORS[0])
+    s = load_datasets(str(tmp_path / "tree"), img_size=SIZE)
+    k = [s.test.source.name(i) for i in s.test.indices].index(str(path))
+    assert torch.allclose(s.test[k][0], upright, atol=1e-6)
+
+
+def make_linked_tree(root):
+    """A folder tree of two classes whose a/ holds a linked folder (3 images), a link back to a/
+    itself (a loop) and stray files; b/ holds a broken image with a Latin-1 (not UTF-8) name."""
+    for split, n in (("train", 4), ("test", 2)):
+        for y, c in enumerate(("a", "b")):
+            for i in range(n):
+                write_img(str(root / split / c / f"{i}.png"), COLORS[y])
+    for i in range(3):
+        write_img(str(root.parent / "elsewhere" / f"{i}.png"), COLORS[0])
+    os.symlink(root.parent / "elsewhere", root / "train" / "a" / "linked")
+    os.symlink(root / "train" / "a", root / "train" / "a" / "loop")
+    for junk in (".DS_Store", "notes.txt"):
+        (root / "train" / "a" / junk).write_bytes(b"junk")
+    latin1 = os.path.join(os.fsencode(root / "train" / "b"), b"caf\xe9.png")
+    with open(latin1, "wb") as f:
+        f.write(b"not a png")
+    return str(root)
+
+
+def test_data_walk_follows_linked_folders_and_counts_every_skip_by_reason(tmp_path):
+    """The folder walk reads a linked sub-folder's images, reads each real folder once (a link loop
+    ends), and the summary counts each file not taken by reason; a name that is not UTF-8 prints on a
+    strict UTF-8 terminal, as an escape."""
+    root = make_linked_tree(tmp_path / "tree")
+    with pytest.raises(DataError) as e:
+        load_datasets(root, img_size=SIZE)
+    assert "caf\\udce9.png: not a readable image" in str(e.value)
+    s = load_datasets(root, img_size=SIZE, skip_bad_images=True, val_fraction=0.0)
+    assert s.counts()["train"] == [4 + 3, 4]
+    assert sorted(os.path.relpath(s.train.source.name(i), root) for i, y in zip(s.train.indices, s.train.labels)
+                  if y == 0) == [f"train/a/{i}.png" for i in range(4)] + [f"train/a/linked/{i}.png" for i in range(3)]
+    check_labels_by_color(s.train, s.classes)
+    line = next(line for line in s.summary().splitlines() if line.startswith("skipped"))
+    assert line.startswith("skipped 4 files: hidden 1, not an image 1, linked folder read already 1, unreadable 1 "
+                           f"(first: {tmp_path / 'tree' / 'train' / 'b'}/caf\\udce9.png: not a readable image")
+    terminal = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    print(s.summary(), file=terminal)
+    terminal.flush()
+
+
+def test_data_layout_one_level_too_deep_or_of_one_class_is_one_line(tmp_path):
+    """CAER-S unzipped one level too deep (ROOT/CAER-S/{train,test}/...) is refused by a line that
+    names the folder to give instead, whatever the format; so is a tree of one class folder."""
+    make_caer(tmp_path / "root" / "CAER-S", n_train=2, n_test=1)
+    for fmt in ("auto", "caer", "folder"):
+        with pytest.raises(DataError, match=f"one level down; give {re.escape(str(tmp_path / 'root' / 'CAER-S'))} "):
+            load_datasets(str(tmp_path / "root"), fmt=fmt, img_size=SIZE)
+    write_img(str(tmp_path / "one" / "happy" / "0.png"), COLORS[0])
+    with pytest.raises(DataError, match="has 1 class folder.*two or more"):
+        load_datasets(str(tmp_path / "one"), img_size=SIZE)
+
+
+def test_data_image_files_takes_files_folders_and_globs_and_skips_what_it_cannot_read(tmp_path):
+    """Bulk prediction's inputs: a file, a folder (its image files, through linked folders), a glob
+    the shell did not expand; a missing path and non-images are skipped with a reason, never raised."""
+    root = make_linked_tree(tmp_path / "tree")
+    files, skipped = data.image_files([f"{root}/test/*/1.png", f"{root}/train/a", str(tmp_path / "nope.jpg"),
+                                       f"{root}/train/a/notes.txt", f"{root}/*/zzz*.png", f"{root}/test/a/1.png"])
+    a = [f"{root}/train/a/{i}.png" for i in range(4)] + [f"{root}/train/a/linked/{i}.png" for i in range(3)]
+    assert files == [f"{root}/test/a/1.png", f"{root}/test/b/1.png"] + a  # each file once
+    assert skipped == [(f"{root}/train/a/.DS_Store", "hidden"), (f"{root}/train/a/notes.txt", "not an image"),
+                       (f"{root}/train/a/loop", "linked folder read already"),
+                       (str(tmp_path / "nope.jpg"), "no such file or folder"),
+                       (f"{root}/train/a/notes.txt", "not an image"), (f"{root}/*/zzz*.png", "matches nothing")]
+
+
+def make_posterv2_rafdb(raf_root, root):
+    """POSTER V2's RAF-DB tree from an EmoLabel-layout copy: ROOT/{train,valid}/{1..7}/, a folder per
+    RAF-DB label number, the test images in valid/."""
+    for line in open(os.path.join(raf_root, "EmoLabel", "list_patition_label.txt")):
+        name, label = line.split()
+        split = "train" if name.startswith("train") else "valid"
+        os.makedirs(os.path.join(root, split, label), exist_ok=True)
+        shutil.copy(os.path.join(raf_root, "Image", "aligned", name[:-4] + "_aligned.jpg"),
+                    os.path.join(root, split, label, name))
+    return str(root)
+
+
+def test_data_rafdb_posterv2_folders_labelled_as_the_emolabel_layout(tmp_path):
+    """With --dataset rafdb, POSTER V2's tree (folders 1..7 under train/ and valid/) gives the same
+    images with the same labels, by name, as RAF-DB's own EmoLabel layout; auto-detected, numbered
+    folders are refused with the advice; --dataset folder takes the numbers as class names."""
+    raf = make_rafdb(tmp_path / "raf", n_train=4, n_test=2)
+    tree = make_posterv2_rafdb(raf, tmp_path / "posterv2")
+
+    def labelled(s, splits):
+        return sorted((os.path.basename(ds.source.name(i)).split(".")[0].removesuffix("_aligned"), s.classes[y])
+                      for ds in (getattr(s, split) for split in splits) for i, y in zip(ds.indices, ds.labels))
+    own, folders = (load_datasets(r, fmt="rafdb", img_size=SIZE) for r in (raf, tree))
+    assert folders.classes == own.classes == CLASSES and folders.counts()["test"] == own.counts()["test"]
+    assert labelled(folders, ["test"]) == labelled(own, ["test"])
+    assert labelled(folders, ["train", "val"]) == labelled(own, ["train", "val"])
+    for ds in (folders.train, folders.val, folders.test):
+        check_labels_by_color(ds)
+    with pytest.raises(DataError, match="are numbers .*--dataset rafdb .*1-7.*--dataset affectnet .*0-7.*--dataset folder"):
+        load_datasets(tree, img_size=SIZE)
+    assert load_datasets(tree, fmt="folder", img_size=SIZE).classes == tuple("1234567")
 
 
 # ---- train.py (-k test_train) --------------------------------------------------------------------
