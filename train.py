@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import data
 from facerwkv import (PRESETS, Block, FaceRWKV, FaceRWKVConfig, TransformerBlock, VRWKVBlock, atomic_write,
-                      read_checkpoint)
+                      read_checkpoint, vrwkv_state_dict)
 from poster import (POSTER_PRESETS, POSTERV2_CLASS_ORDER, PosterConfig, PosterRWKV, poster_param_count,
                     posterv2_state_dict)
 
@@ -97,6 +97,10 @@ EXPERIMENTS = {
     "poster-rwkv": dict(size="poster-rwkv", img_size=(224, 224)),
     "poster-vrwkv": dict(size="poster-vrwkv", img_size=(224, 224)),
     "poster-small": dict(size="poster-small", img_size=(112, 112)),             # trains on a CPU
+    # Vision-RWKV's VRWKV-T / S / B (Duan et al. 2024): add --init-from vrwkv_t_in1k_224.pth (_s_, _b_)
+    "vrwkv-t": dict(size="vrwkv-t", img_size=(224, 224)),
+    "vrwkv-s": dict(size="vrwkv-s", img_size=(224, 224)),
+    "vrwkv-b": dict(size="vrwkv-b", img_size=(224, 224)),
 }
 
 MODEL_FLAGS = ("n_layer", "n_embd", "dim_att", "dim_ffn", "n_head", "patch_size", "backbone",
@@ -539,6 +543,9 @@ def read_train_checkpoint(path, args=None):
     """A train.py or POSTER V2 checkpoint (no code is unpickled), DDP's 'module.' dropped."""
     try:
         ckpt = read_checkpoint(path)
+        state = ckpt.get("state_dict") if isinstance(ckpt, dict) and "arch" not in ckpt else None
+        if args is not None and isinstance(state, dict) and any(str(k).startswith("backbone.layers.") for k in state):
+            return vrwkv_checkpoint(path, args)  # mmcv's {'meta', 'state_dict'} of Vision-RWKV's backbone
         if args is not None and isinstance(ckpt, dict) and "arch" not in ckpt \
                 and isinstance(ckpt.get("state_dict"), dict):
             return posterv2_checkpoint(path, args)
@@ -572,6 +579,20 @@ def posterv2_checkpoint(path, args):
     return {"model": sd, "arch": "PosterRWKV", "config": config, "classes": list(classes), "path": str(path),
             "args": {"size": "poster-v2", "experiment": None, "img_size": [224, 224], "linear_probe": False,
                      "affectnet_classes": n}}
+
+
+def vrwkv_checkpoint(path, args):
+    """A Vision-RWKV ImageNet-1k checkpoint (VRWKV-T, S or B) as a train.py one of its backbone: the
+    position table resized to --img-size's grid, no classifier (classes None), so it only starts runs."""
+    if not getattr(args, "init_from", None):
+        raise UsageError(f"{path}: a Vision-RWKV ImageNet backbone, with no expression classifier; start a run "
+                         f"from it: --experiment vrwkv-t (-s, -b) --init-from {path}")
+    config, sd = vrwkv_state_dict(path, tuple(args.img_size))
+    name = next((n for n in ("vrwkv-t", "vrwkv-s", "vrwkv-b") if PRESETS[n]["n_embd"] == config.n_embd), None)
+    print(f"{path}: Vision-RWKV checkpoint ({name or f'width {config.n_embd}'}, {config.n_layer} blocks, "
+          f"{config.norm}-norm); position table at {config.grid[0]}x{config.grid[1]}, ImageNet head skipped")
+    return {"model": sd, "arch": "FaceRWKV", "config": dataclasses.asdict(config), "classes": None, "path": str(path),
+            "args": {"size": name, "experiment": name, "img_size": list(config.img_size), "linear_probe": False}}
 
 
 def load_checkpoint(path, in_run_dir="last.pt", args=None):
