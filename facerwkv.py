@@ -369,10 +369,19 @@ class VRWKVChannelMix(ChannelMix):
         return self.mix(x, q_shift(x, grids), self.spatial_mix_k, self.spatial_mix_r)  # (B, T, d)
 
 
+def drop_path(x, p, training):
+    """Stochastic depth (Huang et al. 2016; timm's DropPath): while training, drop a residual branch
+    x (B, ...) for each sample with probability p, and scale the kept ones by 1 / (1 - p)."""
+    keep = torch.rand(x.shape[0], *(1,) * (x.ndim - 1), device=x.device) >= p  # (B, 1, ...)
+    return x * keep / (1 - p) if training and p > 0 else x
+
+
 class VRWKVBlock(nn.Module):
-    """Pre-LN residual Vision-RWKV block: x += SpatialMix(LN1(x)); x += ChannelMix(LN2(x)).
-    grids: the patch grids of the sequence's segments, Q-Shift staying within each (default
-    [config.grid])."""
+    """Vision-RWKV's residual block, its LayerNorms in one of two places (config.norm):
+      "pre"  (VRWKV-T):    x += SpatialMix(LN1(x));          x += ChannelMix(LN2(x))
+      "post" (VRWKV-S, B): x += gamma1 * LN1(SpatialMix(x)); x += gamma2 * LN2(ChannelMix(x))
+    gamma: learned per-channel scale (config.layer_scale; else 1); each branch drop-pathed in
+    training. grids: the sequence's patch grids, Q-Shift within each (default [config.grid])."""
     init_state = step = no_rnn
 
     def __init__(self, config, layer_id, grids=None):
@@ -380,10 +389,18 @@ class VRWKVBlock(nn.Module):
         self.grids = [tuple(g) for g in grids] if grids is not None else [config.grid]
         self.ln1, self.att = nn.LayerNorm(config.n_embd), VRWKVSpatialMix(config, layer_id)
         self.ln2, self.ffn = nn.LayerNorm(config.n_embd), VRWKVChannelMix(config, layer_id)
+        self.post_norm = config.norm == "post"
+        self.drop = config.drop_path * layer_id / max(config.n_layer - 1, 1)  # linspace(0, drop_path, n_layer)
+        scale = lambda: nn.Parameter(torch.full((config.n_embd,), float(config.layer_scale)))  # noqa: E731
+        self.gamma1, self.gamma2 = (scale(), scale()) if config.layer_scale is not None else (1.0, 1.0)
+
+    def branch(self, mix, ln, gamma, x):
+        y = ln(mix(x, self.grids)) if self.post_norm else mix(ln(x), self.grids)  # (B, T, d)
+        return drop_path(gamma * y, self.drop, self.training)
 
     def forward(self, x):
-        x = x + self.att(self.ln1(x), self.grids)
-        return x + self.ffn(self.ln2(x), self.grids)  # (B, T, d)
+        x = x + self.branch(self.att, self.ln1, self.gamma1, x)
+        return x + self.branch(self.ffn, self.ln2, self.gamma2, x)  # (B, T, d)
 
 
 # -----------------------------------------------------------------------------
@@ -443,8 +460,8 @@ class IdentityBlock(nn.Module):
 
 class PatchEmbed(nn.Module):
     """Cut a (B, C, H, W) map into P x P patches in raster order, flatten each as (channel, row,
-    col) -- a Conv2d(C, d, P, stride=P) weight's layout -- project to d, then LayerNorm (which
-    plays RWKV-LM's ln0, applied once before block 0)."""
+    col) -- a Conv2d(C, d, P, stride=P) weight's layout -- project to d, [add the positions `pos`
+    (Vision-RWKV's order),] then LayerNorm (RWKV-LM's and Vision-RWKV's ln0, once before block 0)."""
 
     def __init__(self, in_channels, patch_size, n_embd):
         super().__init__()
@@ -452,11 +469,12 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Linear(in_channels * patch_size * patch_size, n_embd)
         self.ln = nn.LayerNorm(n_embd)
 
-    def forward(self, x):
+    def forward(self, x, pos=None):
         B, C, H, W = x.shape
         P = self.patch_size
         x = x.reshape(B, C, H // P, P, W // P, P).permute(0, 2, 4, 1, 3, 5)  # (B, H/P, W/P, C, P, P)
-        return self.ln(self.proj(x.reshape(B, (H // P) * (W // P), C * P * P)))  # (B, T, d)
+        x = self.proj(x.reshape(B, (H // P) * (W // P), C * P * P))          # (B, T, d)
+        return self.ln(x if pos is None else x + pos)
 
 
 def resnet_stem():
@@ -478,7 +496,7 @@ def stem_grid(h, w):
 # The config and the full model
 
 OPTIONS = {"backbone": ("none", "resnet50"), "pool": ("last", "mean"), "head": ("mlp", "linear"),
-           "mixer": ("rwkv", "vrwkv", "transformer", "identity")}
+           "mixer": ("rwkv", "vrwkv", "transformer", "identity"), "norm": ("pre", "post")}
 
 # FaceRWKV paper, Table 1 (n_layer, n_embd); "hybrid" is large on the ResNet50 stem, 5x5 patches.
 PRESETS = {
@@ -487,6 +505,13 @@ PRESETS = {
     "large": dict(n_layer=6, n_embd=512),
     "hybrid": dict(n_layer=6, n_embd=512, backbone="resnet50", patch_size=5),
 }
+# Vision-RWKV's VRWKV-T / S / B (Duan et al. 2024, Table 1): 224 px, 16x16 patches, 12 blocks; the
+# stem ln0(patches + positions), mean pooling, a linear head. Their ImageNet-1k files load: vrwkv_state_dict.
+VRWKV_PRESET = dict(mixer="vrwkv", n_layer=12, patch_size=16, img_size=(224, 224), pos_emb=True, pos_in_ln0=True,
+                    pool="mean", head="linear")
+PRESETS.update({"vrwkv-t": dict(VRWKV_PRESET, n_embd=192),
+                "vrwkv-s": dict(VRWKV_PRESET, n_embd=384, norm="post", layer_scale=1.0, drop_path=0.3),
+                "vrwkv-b": dict(VRWKV_PRESET, n_embd=768, norm="post", layer_scale=1e-5, drop_path=0.5)})
 
 
 def divisors(*ns):
@@ -511,6 +536,10 @@ class FaceRWKVConfig:
     pool: str = "last"            # "last" token (the paper) | "mean" over tokens
     head: str = "mlp"             # "mlp" (Linear d->d, ReLU, Linear d->classes) | "linear"
     mixer: str = "rwkv"           # "rwkv" | "vrwkv" (Vision-RWKV) | "transformer" | "identity" ("w/o RWKV")
+    pos_in_ln0: bool = False      # add the positions before the patch LayerNorm (Vision-RWKV's ln0), not after
+    norm: str = "pre"             # vrwkv: "pre" | "post" (LN on each branch's output, Vision-RWKV's S and B)
+    layer_scale: float = None     # vrwkv: init of the learned per-channel scale of each branch; None: no scale
+    drop_path: float = 0.0        # vrwkv: stochastic depth in the last block, linear from 0 over depth
 
     def __post_init__(self):
         # None defaults are resolved here, so a saved config always spells out its widths
@@ -528,6 +557,10 @@ class FaceRWKVConfig:
               f"n_classes must be an integer >= 2; got {self.n_classes!r}")
         for name, allowed in OPTIONS.items():
             check(getattr(self, name) in allowed, f"{name}={getattr(self, name)!r} is not an option; use one of {allowed}")
+        check(self.mixer == "vrwkv" or (self.norm, self.layer_scale, self.drop_path) == ("pre", None, 0),
+              "norm, layer_scale and drop_path are options of the Vision-RWKV block; use mixer='vrwkv'")
+        check(0 <= self.drop_path < 1, f"drop_path must be a rate in [0, 1); got {self.drop_path!r}")
+        check(self.pos_emb or not self.pos_in_ln0, "pos_in_ln0=True adds the positions: set pos_emb=True too")
         check(not self.freeze_backbone or self.backbone != "none",
               "freeze_backbone=True needs a backbone; set backbone='resnet50' or freeze_backbone=False")
         check(self.mixer != "transformer" or self.n_embd % self.n_head == 0,
@@ -560,7 +593,7 @@ class FaceRWKVConfig:
 
     @classmethod
     def preset(cls, name, **overrides):
-        """A Table 1 model ("small", "medium", "large") or "hybrid", with any field overridden."""
+        """A Table 1 model ("small", "medium", "large"), "hybrid" or "vrwkv-t/s/b", any field overridden."""
         check(name in PRESETS, f"unknown preset {name!r}; use one of {tuple(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
@@ -620,8 +653,9 @@ class FaceRWKV(nn.Module):
         check(images.ndim == 4 and images.shape[1] == 3 and tuple(images.shape[2:]) == (H, W),
               f"expected images of shape (B, 3, {H}, {W}) (config.img_size), got {tuple(images.shape)}; "
               f"resize the images to {(H, W)} or build the model with img_size={tuple(images.shape[-2:])}")
-        x = self.patch_embed(images if self.backbone is None else self.backbone(images))  # (B, T, d)
-        return x if self.pos_emb is None else x + self.pos_emb
+        pos, inside = self.pos_emb, self.config.pos_in_ln0  # the positions go in before ln0, or after
+        x = self.patch_embed(images if self.backbone is None else self.backbone(images), pos if inside else None)
+        return x if pos is None or inside else x + pos  # (B, T, d)
 
     def classify(self, x):
         """Tokens after the blocks (B, T, d) -> logits: section 4.2's last token (or the mean), head."""
@@ -776,6 +810,49 @@ def load_weights(module, state_dict, source, ignore=()):
     check(not unexpected, f"{source} has unexpected keys {_some(unexpected)}")
     module.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
     return len(skipped)
+
+
+# Vision-RWKV's ImageNet-1k checkpoints (mmcv's {'meta', 'state_dict'}): its names -> FaceRWKV's (None: skipped)
+VRWKV_NAMES = {"backbone.patch_embed.projection.": "patch_embed.proj.", "backbone.pos_embed": "pos_emb",
+               "backbone.layers.0.ln0.": "patch_embed.ln.", "backbone.layers.": "blocks.", "backbone.ln1.": "ln_out.",
+               "head.fc.": None}  # the 1000-class ImageNet head
+VRWKV_OTHERS = {".time_maa": "a VRWKV6 checkpoint (RWKV-6's mixer)", "key_norm": "a VRWKV-L checkpoint (key norm)"}
+
+
+def vrwkv_state_dict(path, img_size=(224, 224)):
+    """A checkpoint of Vision-RWKV's VRWKV-T, S or B (OpenGVLab/Vision-RWKV), read without running
+    any of it -> (its backbone's config at img_size, its state dict in FaceRWKV's names): the patch
+    conv's weight flattened as PatchEmbed's Linear, pos_embed resized bicubically to img_size's grid
+    (as Vision-RWKV does at run time), post-norm where the file has layer scale (S and B; T has
+    neither), the ImageNet head left out. Anything else amiss is a ValueError naming the keys."""
+    sd = read_state_dict(path)
+    other = next((f"{what}: {k}" for mark, what in VRWKV_OTHERS.items() for k in sd if mark in k), None)
+    check(other is None, f"{path}: {other}, not the Vision-RWKV block FaceRWKV has; use VRWKV-T, S or B")
+    out, unknown = {}, []
+    for k, v in sd.items():
+        prefix = max((p for p in VRWKV_NAMES if k.startswith(p)), key=len, default=None)
+        if prefix is None:
+            unknown.append(k)
+        elif VRWKV_NAMES[prefix]:
+            out[VRWKV_NAMES[prefix] + k[len(prefix):]] = v
+    check(not unknown and {"pos_emb", "patch_embed.proj.weight"} <= out.keys(),
+          f"{path}: not a Vision-RWKV checkpoint (keys like backbone.pos_embed); other keys: {_some(unknown)}")
+    (E, _, P, _), (_, N, _) = out["patch_embed.proj.weight"].shape, out["pos_emb"].shape
+    post, s = "blocks.0.gamma1" in out, math.isqrt(N)
+    check(s * s == N, f"{path}: backbone.pos_embed holds {N} positions, not a square grid")
+    config = FaceRWKVConfig(**{**VRWKV_PRESET, "n_embd": E, "patch_size": P, "img_size": tuple(img_size),
+                               "n_layer": 1 + max(int(k.split(".")[1]) for k in out if k.startswith("blocks.")),
+                               "norm": "post" if post else "pre", "layer_scale": 1.0 if post else None})
+    out["patch_embed.proj.weight"] = out["patch_embed.proj.weight"].reshape(E, -1)  # (E, 3 P P), (channel, row, col)
+    pe = out["pos_emb"].reshape(1, s, s, E).permute(0, 3, 1, 2)                    # (1, E, s, s)
+    if (s, s) != config.grid:
+        pe = F.interpolate(pe, size=config.grid, mode="bicubic", align_corners=False)
+    out["pos_emb"] = pe.flatten(2).transpose(1, 2)                                  # (1, T, E)
+    with torch.device("meta"), warnings.catch_warnings():  # keys and shapes only: load_weights' checks
+        warnings.simplefilter("ignore")
+        need = FaceRWKV(config)
+        load_weights(need, {**out, "head.weight": need.head.weight, "head.bias": need.head.bias}, f"{path} (renamed)")
+    return config, out
 
 
 # -----------------------------------------------------------------------------

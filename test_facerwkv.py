@@ -1266,6 +1266,166 @@ def test_vrwkv_block_segments():
         block(torch.randn(2, 8, 8))
 
 
+# ---- Vision-RWKV's ImageNet checkpoints (-k test_vrwkv_checkpoint) -------------------------------
+# Files in the exact key layout of OpenGVLab/Vision-RWKV's checkpoints (mmcv's {'meta', 'state_dict'};
+# VRWKV-T's pre-norm, VRWKV-S's post-norm with layer scale) at width 32 and 2 blocks, every weight
+# at order one; loaded, their pooled features against Vision-RWKV's forward written out below.
+VRWKV_PUBLISHED = {"vrwkv-t": (192, False, 6_155_176), "vrwkv-s": (384, True, 23_820_136),
+                   "vrwkv-b": (768, True, 93_645_544)}  # width, post-norm, parameters (1000-class head)
+
+
+def vrwkv_file_shapes(E, post, depth=12, grid=14, patch=16, classes=1000):
+    """Every key and shape of a Vision-RWKV checkpoint: its VRWKV backbone and LinearClsHead."""
+    shapes = {"backbone.patch_embed.projection.weight": (E, 3, patch, patch), "backbone.patch_embed.projection.bias": (E,),
+              "backbone.pos_embed": (1, grid * grid, E), "backbone.layers.0.ln0.weight": (E,),
+              "backbone.layers.0.ln0.bias": (E,)}
+    for i in range(depth):
+        b = f"backbone.layers.{i}."
+        shapes.update({b + n: (E,) for n in ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias", "att.spatial_decay",
+                                             "att.spatial_first", *("gamma1", "gamma2")[:2 * post])})
+        shapes.update({b + n: (1, 1, E) for n in ("att.spatial_mix_k", "att.spatial_mix_v", "att.spatial_mix_r",
+                                                  "ffn.spatial_mix_k", "ffn.spatial_mix_r")})
+        shapes.update({b + f"att.{n}.weight": (E, E) for n in ("key", "value", "receptance", "output")})
+        shapes.update({b + "ffn.key.weight": (4 * E, E), b + "ffn.receptance.weight": (E, E),
+                       b + "ffn.value.weight": (E, 4 * E)})
+    shapes.update({"backbone.ln1.weight": (E,), "backbone.ln1.bias": (E,), "head.fc.weight": (classes, E),
+                   "head.fc.bias": (classes,)})
+    return shapes
+
+
+def vrwkv_file(path, E=32, post=False, depth=2, seed=0, **extra):
+    """A Vision-RWKV checkpoint at weights where nothing is hidden: matrices and the conv at fan-in
+    scale, LayerNorms and gammas off one, decays of both signs and large enough to matter over 196
+    tokens (the file's decay is divided by T), a rough position table. -> its state dict."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape in {**vrwkv_file_shapes(E, post, depth), **extra}.items():
+        x = torch.randn(shape, generator=g)  # spatial_first and pos_embed as drawn
+        if key.endswith(("ln0.weight", "ln1.weight", "ln2.weight", "gamma1", "gamma2")):
+            x = 1 + 0.3 * x
+        elif key.endswith("bias"):
+            x = 0.3 * x
+        elif "spatial_mix" in key:
+            x = torch.rand(shape, generator=g)
+        elif key.endswith("spatial_decay"):
+            x = torch.empty(shape).uniform_(-10.0, 60.0, generator=g)
+        elif key.endswith("weight"):  # the Linear layers and the conv
+            x = x / math.sqrt(math.prod(shape[1:]))
+        sd[key] = x
+    from collections import OrderedDict  # as mmcv saves it
+    meta = {"config": "model = dict(type='ImageClassifier', backbone=dict(type='VRWKV', ...))", "seed": 0}
+    torch.save({"meta": meta, "state_dict": OrderedDict(sd)}, path)
+    return sd
+
+
+def original_vrwkv_features(p, images):
+    """Vision-RWKV's VRWKV backbone and GlobalAveragePooling as its vrwkv.py computes them, from a
+    checkpoint's state dict, in float64: conv 16/16 with bias; + pos_embed, resized bicubically to
+    the grid (mmcls's resize_pos_embed); ln0; each block pre-norm, or post-norm with gamma where the
+    file has gammas; the final ln1; the mean over tokens. Q-Shift as its slices, Bi-WKV term by term."""
+    p = {k: v.double() for k, v in p.items()}
+    ln = lambda x, name: F.layer_norm(x, x.shape[-1:], p[name + ".weight"], p[name + ".bias"])  # noqa: E731
+    x = F.conv2d(images.double(), p["backbone.patch_embed.projection.weight"],
+                 p["backbone.patch_embed.projection.bias"], stride=16)  # (B, E, h, w)
+    B, E, h, w = x.shape
+    T, s, q = h * w, math.isqrt(p["backbone.pos_embed"].shape[1]), E // 4
+    pos = p["backbone.pos_embed"].reshape(1, s, s, E).permute(0, 3, 1, 2)
+    if (h, w) != (s, s):
+        pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False)
+    x = ln((x + pos).flatten(2).transpose(1, 2), "backbone.layers.0.ln0")  # (B, T, E)
+
+    def mix(x, m):  # x * m + q_shift(x) * (1 - m): quarters from the left, right, above, below
+        g, sh = x.transpose(1, 2).reshape(B, E, h, w), torch.zeros(B, E, h, w, dtype=x.dtype)
+        sh[:, :q, :, 1:], sh[:, q:2 * q, :, :-1] = g[:, :q, :, :-1], g[:, q:2 * q, :, 1:]
+        sh[:, 2 * q:3 * q, 1:], sh[:, 3 * q:4 * q, :-1] = g[:, 2 * q:3 * q, :-1], g[:, 3 * q:4 * q, 1:]
+        return x * m + sh.flatten(2).transpose(1, 2) * (1 - m)
+
+    for b in sorted({k[:k.index(".", 16) + 1] for k in p if k.startswith("backbone.layers.")}):
+        def att(x):
+            k, v, r = (mix(x, p[b + f"att.spatial_mix_{n}"]) @ p[b + f"att.{name}.weight"].T
+                       for n, name in (("k", "key"), ("v", "value"), ("r", "receptance")))
+            y = biwkv_naive(p[b + "att.spatial_decay"] / T, p[b + "att.spatial_first"] / T, k, v, lib=torch)
+            return (torch.sigmoid(r) * y) @ p[b + "att.output.weight"].T
+
+        def ffn(x):
+            k = torch.relu(mix(x, p[b + "ffn.spatial_mix_k"]) @ p[b + "ffn.key.weight"].T) ** 2
+            return torch.sigmoid(mix(x, p[b + "ffn.spatial_mix_r"]) @ p[b + "ffn.receptance.weight"].T) \
+                * (k @ p[b + "ffn.value.weight"].T)
+        if b + "gamma1" in p:  # post-norm, layer scale (VRWKV-S, B)
+            x = x + p[b + "gamma1"] * ln(att(x), b + "ln1")
+            x = x + p[b + "gamma2"] * ln(ffn(x), b + "ln2")
+        else:                  # pre-norm (VRWKV-T)
+            x = x + att(ln(x, b + "ln1"))
+            x = x + ffn(ln(x, b + "ln2"))
+    return ln(x, "backbone.ln1").mean(1)  # (B, E)
+
+
+def test_vrwkv_checkpoint_presets_are_the_published_models():
+    """The presets hold exactly a Vision-RWKV checkpoint's tensors, renamed: VRWKV-T / S / B count
+    the published 6,155,176 / 23,820,136 / 93,645,544 parameters with a 1000-class head (built on
+    the meta device), and every file key maps to a model tensor of the same size."""
+    for name, (E, post, published) in VRWKV_PUBLISHED.items():
+        shapes = vrwkv_file_shapes(E, post)
+        with torch.device("meta"):
+            model = FaceRWKV(FaceRWKVConfig.preset(name, n_classes=1000))
+        own = {k: v.numel() for k, v in model.state_dict().items()}
+        assert sum(math.prod(s) for s in shapes.values()) == model.num_params() == published, name
+        assert sorted(own.values()) == sorted(math.prod(s) for s in shapes.values()), name
+        assert model.config.grid == (14, 14) and (model.config.norm == "post") == post
+
+
+@pytest.mark.parametrize("post, size", [(False, 224), (True, 224), (False, 112), (True, 112)],
+                         ids=["t-224", "s-224", "t-112", "s-112"])
+def test_vrwkv_checkpoint_loads_and_equals_the_original_forward(tmp_path, post, size):
+    """A file in Vision-RWKV's layout loads into FaceRWKV (only the head starts fresh) and gives
+    the pooled features of Vision-RWKV's forward written out, at 224 px (T = 196) and at 112 px
+    (the position table resized to 7x7, T = 49), pre-norm (T) and post-norm with layer scale (S)."""
+    sd = vrwkv_file(tmp_path / "vrwkv.pth", post=post, seed=int(post))
+    config, weights = facerwkv.vrwkv_state_dict(tmp_path / "vrwkv.pth", (size, size))
+    assert (config.norm, config.n_layer, config.n_embd, config.grid) == (
+        "post" if post else "pre", 2, 32, (size // 16,) * 2)
+    model = FaceRWKV(config).eval()
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert sorted(missing) == ["head.bias", "head.weight"] and not unexpected
+    model.head = torch.nn.Identity()  # the pooled features, the head's input
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, ref = model(x).double(), original_vrwkv_features(sd, x)
+    assert ref.std() > 0.5 and (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_vrwkv_checkpoint_refuses_other_files_in_one_line(tmp_path):
+    """VRWKV6 and key-norm (VRWKV-L) files are named for what they are; a missing tensor, a wrong
+    shape and a foreign key are ValueErrors naming the keys."""
+    cases = [({"backbone.layers.0.att.time_maa_x": (1, 1, 32)}, None, "a VRWKV6 checkpoint"),
+             ({"backbone.layers.0.att.key_norm.weight": (32,)}, None, r"a VRWKV-L checkpoint \(key norm\)"),
+             ({}, "backbone.layers.1.ffn.key.weight", "lacks the keys.*blocks.1.ffn.key.weight"),
+             ({"backbone.layers.0.ln1.weight": (33,)}, None, r"wrong shape: \['blocks.0.ln1.weight \(33,\)"),
+             ({"backbone.cls_token": (1, 1, 32)}, None, r"not a Vision-RWKV checkpoint.*backbone.cls_token")]
+    for i, (extra, drop, message) in enumerate(cases):
+        path = tmp_path / f"{i}.pth"
+        sd = vrwkv_file(path, **extra)
+        if drop:
+            torch.save({"meta": {}, "state_dict": {k: v for k, v in sd.items() if k != drop}}, path)
+        with pytest.raises(ValueError, match=message) as e:
+            facerwkv.vrwkv_state_dict(path)
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_vrwkv_checkpoint_drop_path_is_stochastic_depth_linear_over_depth():
+    """The blocks' rates are Vision-RWKV's torch.linspace(0, drop_path_rate, depth); in training a
+    branch is kept whole (scaled by 1 / (1 - p)) or dropped whole per sample, about 1 - p kept; in
+    eval it is untouched."""
+    config = FaceRWKVConfig.preset("vrwkv-b", n_layer=5, n_embd=8, img_size=(32, 32))
+    assert [b.drop for b in FaceRWKV(config).blocks] == pytest.approx(torch.linspace(0, 0.5, 5).tolist())
+    torch.manual_seed(0)
+    x = torch.rand(4000, 3, 2) + 1
+    y = facerwkv.drop_path(x, 0.3, training=True)
+    kept = (y != 0).all(dim=(1, 2))
+    assert torch.equal(y[kept], x[kept] / 0.7) and not y[~kept].any() and abs(kept.float().mean() - 0.7) < 0.03
+    assert facerwkv.drop_path(x, 0.3, training=False) is x
+
+
 # ---- POSTER V2 and POSTER-RWKV (-k test_poster) --------------------------------------------------
 # Every stage's shape at 224 (POSTER V2's), the published 43.7 M, weight files of both
 # IR-50 namings and MobileFaceNet's, each loading error, the frozen landmark branch, the RWKV

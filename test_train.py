@@ -2036,3 +2036,34 @@ def test_train_only_leaves_every_frozen_tensor_bit_identical(tmp_path, monkeypat
     out = capsys.readouterr().out
     assert "parameters trainable" in out and "not --resume" in out
     expect_exit_2(capsys, [*TINY_ARGS, "--train-only", "mixr"], "mixr names no parameter", "blocks")
+
+
+def test_train_vrwkv_init_from_a_vision_rwkv_checkpoint(tmp_path, monkeypatch, capsys):
+    """--experiment vrwkv-t --init-from a file in Vision-RWKV's layout (VRWKV-T's, scaled to width
+    32 and 2 blocks by flags): at the demo's 112 px every tensor but the head starts from the file
+    (positions resized to 7x7), the report says so part by part, and --train-only head (a linear
+    probe) trains on the synthetic faces, moving only the head. Alone, the file is no classifier."""
+    import facerwkv
+    from test_facerwkv import vrwkv_file
+    path = tmp_path / "vrwkv_t_in1k_224.pth"
+    vrwkv_file(path)
+    real, seen = train.train_step, []
+
+    def step_and_compare(model, *a, **k):
+        before = {n: t.clone() for n, t in model.state_dict().items()}
+        out = real(model, *a, **k)
+        seen.append((before, {n for n, t in model.state_dict().items() if not torch.equal(t, before[n])}))
+        return out
+    monkeypatch.setattr(train, "train_step", step_and_compare)
+    summary = train.main(["--experiment", "vrwkv-t", "--patch-size", "16", "--n-embd", "32", "--n-layer", "2",
+                          "--synthetic-size", "4", "2", "--batch-size", "8", "--epochs", "1", "--workers", "0",
+                          "--out", str(tmp_path), "--name", "probe", "--init-from", str(path), "--train-only", "head"])
+    _, expected = facerwkv.vrwkv_state_dict(path, (112, 112))
+    before, changed = seen[0]
+    assert expected["pos_emb"].shape == (1, 49, 32) and all(torch.equal(before[k], v) for k, v in expected.items())
+    assert all(changed == {"head.weight", "head.bias"} for _, changed in seen) and len(seen) == summary["steps"] >= 3
+    out = capsys.readouterr().out
+    assert f"{len(expected)} of the model's {len(expected) + 2} tensors loaded (0 of the file's unused)" in out
+    assert "head             fresh: 0 tensors loaded, 2 fresh" in out and "blocks           loaded" in out
+    assert "pos_emb          loaded" in out and "patch_embed      loaded" in out and summary["test_acc"] is not None
+    expect_exit_2(capsys, ["--eval-only", str(path)], "no expression classifier", "--init-from")

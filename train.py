@@ -58,7 +58,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import data
 from facerwkv import (PRESETS, Block, FaceRWKV, FaceRWKVConfig, TransformerBlock, VRWKVBlock, atomic_write,
-                      read_checkpoint)
+                      read_checkpoint, vrwkv_state_dict)
 from poster import (POSTER_PRESETS, POSTERV2_CLASS_ORDER, PosterConfig, PosterRWKV, poster_param_count,
                     posterv2_state_dict)
 
@@ -101,6 +101,10 @@ EXPERIMENTS = {
     "poster-rwkv": dict(size="poster-rwkv", img_size=(224, 224)),
     "poster-vrwkv": dict(size="poster-vrwkv", img_size=(224, 224)),
     "poster-small": dict(size="poster-small", img_size=(112, 112)),             # trains on a CPU
+    # Vision-RWKV's VRWKV-T / S / B (Duan et al. 2024): add --init-from vrwkv_t_in1k_224.pth (_s_, _b_)
+    "vrwkv-t": dict(size="vrwkv-t", img_size=(224, 224)),
+    "vrwkv-s": dict(size="vrwkv-s", img_size=(224, 224)),
+    "vrwkv-b": dict(size="vrwkv-b", img_size=(224, 224)),
 }
 
 MODEL_FLAGS = ("n_layer", "n_embd", "dim_att", "dim_ffn", "n_head", "patch_size", "backbone",
@@ -195,7 +199,8 @@ def build_parser():
 
     group("model (section 4.2, Table 1)", "unset options come from the --size preset")
     add("--size", default="small", choices=(*PRESETS, *POSTER_PRESETS),
-        help="small 2x128, medium 4x256, large 6x512, hybrid (large on the ResNet50 stem), or a POSTER preset")
+        help="small 2x128, medium 4x256, large 6x512, hybrid (large on the ResNet50 stem), Vision-RWKV's "
+        "vrwkv-t/s/b, or a POSTER preset")
     add("--n-layer", type=POSITIVE_INT, help="number of RWKV blocks")
     add("--n-embd", type=POSITIVE_INT, help="embedding width d")
     add("--dim-att", type=POSITIVE_INT, help="time-mix width (preset: d)")
@@ -390,7 +395,7 @@ def parse_args(argv):
     if ckpt and ckpt.get("restart"):  # a run folder that never wrote a checkpoint: its settings, a fresh start
         args.out, args.name, args.resume, ckpt = str(Path(ckpt["path"]).parent.parent), Path(ckpt["path"]).parent.name, \
             None, None
-    if is_demo(args) and args.patch_size is None and not ckpt and args.size in PRESETS:
+    if is_demo(args) and args.patch_size is None and not ckpt and PRESETS.get(args.size, {}).get("mixer") != "vrwkv":
         args.patch_size = DEMO_PATCH[args.backbone or PRESETS[args.size].get("backbone", "none")]
     args.img_size, args.synthetic_size = tuple(args.img_size), tuple(args.synthetic_size)
     args.random_erasing, args.erasing_scale = data.check_erasing(args.random_erasing, args.erasing_scale)
@@ -570,6 +575,9 @@ def read_train_checkpoint(path, args=None):
     """A train.py or POSTER V2 checkpoint (no code is unpickled), DDP's 'module.' dropped."""
     try:
         ckpt = read_checkpoint(path)
+        state = ckpt.get("state_dict") if isinstance(ckpt, dict) and "arch" not in ckpt else None
+        if args is not None and isinstance(state, dict) and any(str(k).startswith("backbone.layers.") for k in state):
+            return vrwkv_checkpoint(path, args)  # mmcv's {'meta', 'state_dict'} of Vision-RWKV's backbone
         if args is not None and isinstance(ckpt, dict) and "arch" not in ckpt \
                 and isinstance(ckpt.get("state_dict"), dict):
             return posterv2_checkpoint(path, args)
@@ -609,6 +617,20 @@ def posterv2_checkpoint(path, args):
                      "affectnet_classes": n}}
 
 
+def vrwkv_checkpoint(path, args):
+    """A Vision-RWKV ImageNet-1k checkpoint (VRWKV-T, S or B) as a train.py one of its backbone: the
+    position table resized to --img-size's grid, no classifier (classes None), so it only starts runs."""
+    if not getattr(args, "init_from", None):
+        raise UsageError(f"{path}: a Vision-RWKV ImageNet backbone, with no expression classifier; start a run "
+                         f"from it: --experiment vrwkv-t (-s, -b) --init-from {path}")
+    config, sd = vrwkv_state_dict(path, tuple(args.img_size))
+    name = next((n for n in ("vrwkv-t", "vrwkv-s", "vrwkv-b") if PRESETS[n]["n_embd"] == config.n_embd), None)
+    print(f"{path}: Vision-RWKV checkpoint ({name or f'width {config.n_embd}'}, {config.n_layer} blocks, "
+          f"{config.norm}-norm); position table at {config.grid[0]}x{config.grid[1]}, ImageNet head skipped")
+    return {"model": sd, "arch": "FaceRWKV", "config": dataclasses.asdict(config), "classes": None, "path": str(path),
+            "args": {"size": name, "experiment": name, "img_size": list(config.img_size), "linear_probe": False}}
+
+
 def load_checkpoint(path, args=None, resume=False):
     """A checkpoint file, or a run directory's last.pt (resume) or best.pt. A run folder that stopped
     before its first checkpoint gives its saved settings instead (config.json), to start it again."""
@@ -645,7 +667,8 @@ def model_from_checkpoint(ckpt, device):
 
 def load_weights(model, ckpt):
     """Load ckpt's weights into model; a different architecture is named field by field."""
-    diff = differences(ckpt["config"], dataclasses.asdict(model.config), " (now)")
+    saved = dataclasses.asdict(type(model.config)(**ckpt["config"]))  # fields added since: their defaults
+    diff = differences(saved, dataclasses.asdict(model.config), " (now)")
     if diff:
         raise UsageError(f"checkpoint {ckpt['path']} was made for a different model: {'; '.join(diff)}. "
                          "Drop the model flags that differ (or use a matching checkpoint).")
@@ -1076,7 +1099,7 @@ def predict(args, ckpt):
         probs = F.softmax(model(image[None].to(device)).float(), dim=1)[0].cpu().tolist()
         results[path] = dict(zip(classes, probs))
         top = max(range(len(classes)), key=probs.__getitem__)
-        print(f"{data.printable(path)}: {classes[top]} ({100 * probs[top]:.1f}%)  "
+        print(f"{data.shown(path)}: {classes[top]} ({100 * probs[top]:.1f}%)  "
               + "  ".join(f"{c} {p:.3f}" for c, p in zip(classes, probs)))
     if args.predict_out:
         write_csv(args.predict_out, [["file", "top_class", *classes],
@@ -1084,7 +1107,7 @@ def predict(args, ckpt):
                                        for p, r in results.items())])
         print(f"wrote {args.predict_out} ({len(results)} images)")
     print(f"predicted {len(results)} images" + (f"; skipped {len(skipped)}: " + "; ".join(
-        f"{data.printable(n)} ({why})" for n, why in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+        f"{data.shown(n)} ({why})" for n, why in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
         if skipped else ""))
     if not results:
         raise UsageError(f"--predict: no image could be read among {' '.join(args.predict)}")
@@ -1576,7 +1599,7 @@ def one_line(e):
     if isinstance(e, OSError):
         where = f"{e.filename}: " if e.filename and str(e.filename) not in str(e.strerror) else ""
         text = f"{where}{e.strerror or text}; {USER_ERRNOS[e.errno]}"
-    return data.printable(text)
+    return data.shown(text)
 
 
 def run_command(args, ckpt):
