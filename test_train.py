@@ -22,6 +22,7 @@ under pytest's temporary folders.
 import argparse
 import contextlib
 import copy
+import csv
 import errno
 import hashlib
 import io
@@ -1463,14 +1464,14 @@ def test_train_benchmark_writes_a_table(tmp_path):
 
 # ---- train.py: reading checkpoints once, the demo's stem, old Pillow, the progress line, the recipes -
 def test_train_resume_and_eval_only_read_the_checkpoint_once(tmp_path, monkeypatch):
-    run(tmp_path, "r", "--epochs", "1")
+    run(tmp_path, "r", "--epochs", "2", "--stop-after-steps", "4")  # last.pt and best.pt of epoch 1
     reads = []
     real = train.load_checkpoint
     monkeypatch.setattr(train, "load_checkpoint", lambda *a, **k: reads.append(a) or real(*a, **k))
     train.main(["--eval-only", str(tmp_path / "r")])
     assert len(reads) == 1
     reads.clear()
-    train.main(["--resume", str(tmp_path / "r"), "--epochs", "2"])
+    train.main(["--resume", str(tmp_path / "r")])
     assert [Path(a[0]).name for a in reads] == ["r", "best.pt"]  # last.pt once; best.pt for the test at the end
 
 
@@ -1860,8 +1861,7 @@ def test_train_resume_refuses_other_data_and_a_changed_schedule(tmp_path, capsys
     for c, color in zip("abc", COLORS):
         for i in range(6):
             write_img(str(root / c / f"{i}.png"), color)
-    common = ["--data", str(root), "--epochs", "2", "--stop-after-steps", "1"]
-    run(tmp_path, "r", *common, "--save-every-steps", "1")
+    run(tmp_path, "r", "--data", str(root), "--epochs", "2", "--stop-after-steps", "2", "--save-every-steps", "1")
     write_img(str(root / "a" / "new.png"), COLORS[0])
     expect_exit_2(capsys, ["--resume", str(tmp_path / "r")], "not what this run trained on", "train:", "--init-from")
     expect_exit_2(capsys, ["--resume", str(tmp_path / "r"), "--epochs", "40"], "epochs=2 (checkpoint) vs 40",
@@ -1946,6 +1946,96 @@ def test_train_bad_image_in_a_data_worker_is_one_line(tmp_path, capsys):
     (root / "a" / "0.png").write_bytes(good[: len(good) // 2])  # the header reads, the pixels do not
     expect_exit_2(capsys, [*TINY_ARGS, "--data", str(root), "--workers", "1", "--out", str(tmp_path), "--name", "r"],
                   str(root / "a" / "0.png"))
+
+
+# ---- train.py: classes are names wherever a checkpoint meets data --------------------------------
+
+def four_class_tree(root, names="abcd", n=6):
+    for name, color in zip(names, COLORS):
+        for split, k in (("train", n), ("test", 2)):
+            for i in range(k):
+                write_img(str(root / split / name / f"{i}.png"), color)
+    return root
+
+
+def test_train_eval_only_matches_classes_by_name_or_refuses_naming_both_lists(tmp_path, capsys):
+    """A model trained on folders a b c d, evaluated on copies of its test folder: with c's folder
+    removed the rows of a, b, d are those of the full evaluation (classes matched by name); with the
+    folders renamed, or with a class it never saw, it is refused in one line naming both lists."""
+    trained = four_class_tree(tmp_path / "data")
+    run(tmp_path, "r", "--data", str(trained), "--epochs", "2")
+    best, full = tmp_path / "r" / "best.pt", None
+    full = train.main(["--eval-only", str(best), "--out", str(tmp_path / "e")])["test_confusion"]
+    less = tmp_path / "less"
+    shutil.copytree(trained, less)
+    for split in ("train", "test"):
+        shutil.rmtree(less / split / "c")
+    got = train.main(["--eval-only", str(best), "--data", str(less), "--out", str(tmp_path / "e")])
+    assert "a -> 0, b -> 1, d -> 3" in capsys.readouterr().out
+    assert got["test_confusion"] == [full[0], full[1], [0, 0, 0, 0], full[3]] and got["n"] == 6
+    for names in ("wxyz", "abce"):
+        other = four_class_tree(tmp_path / names, names)
+        expect_exit_2(capsys, ["--eval-only", str(best), "--data", str(other)], "['a', 'b', 'c', 'd']",
+                      f"{list(names)}")
+
+
+def test_train_posterv2_checkpoint_on_its_own_numbered_folders_equals_the_rafdb_layout(tmp_path, monkeypatch, capsys):
+    """A POSTER V2 checkpoint on POSTER V2's own RAF-DB tree (folders 1..7 under train/ and valid/)
+    with --dataset rafdb scores what it scores on the same images in RAF-DB's EmoLabel layout, confusion
+    matrix and all; without --dataset the numbered folders are refused, never guessed."""
+    _, path = posterv2_file(tmp_path, monkeypatch)
+    raf = make_rafdb(tmp_path / "raf", n_train=1, n_test=2)
+    tree = make_posterv2_rafdb(raf, tmp_path / "tree")
+    common = ["--eval-only", str(path), "--batch-size", "7", "--out", str(tmp_path / "e")]
+    own = train.main([*common, "--data", raf])
+    folders = train.main([*common, "--data", str(tree), "--dataset", "rafdb"])
+    assert folders["n"] == own["n"] == 14 and folders["test_confusion"] == own["test_confusion"]
+    assert folders["test_acc"] == own["test_acc"]
+    expect_exit_2(capsys, [*common, "--data", str(tree)], "--dataset rafdb")
+
+
+def test_train_an_optimizer_state_alone_is_named(tmp_path, capsys):
+    """POSTER V2's main.py writes model_best.pth as the optimizer's state only: said so, in one line."""
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(3))])
+    torch.save(opt.state_dict(), tmp_path / "model_best.pth")
+    expect_exit_2(capsys, ["--eval-only", str(tmp_path / "model_best.pth")], "only an optimizer's state",
+                  "state_dict")
+
+
+def test_train_predict_in_bulk_skips_what_it_cannot_read_and_writes_a_csv(tiny_run, tmp_path, capsys):
+    """--predict takes files, folders (recursively) and globs; an unreadable file is one line and
+    skipped, the rest predicted; --predict-out writes a row per image. A flag that would change the
+    checkpoint's model is refused as --eval-only refuses it."""
+    ckpt = Path(tiny_run["run_dir"]) / "best.pt"
+    for i, where in enumerate(("a/one.png", "a/deep/two.png", "b/three.png")):
+        (tmp_path / "p" / where).parent.mkdir(parents=True, exist_ok=True)
+        data.synthetic_face(1, "test", i, (40, 60))[0].save(tmp_path / "p" / where)
+    (tmp_path / "p" / "a" / "broken.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "p" / "a" / "notes.txt").write_text("not an image")
+    out = tmp_path / "pred.csv"
+    probs = train.main(["--predict", str(tmp_path / "p" / "a"), str(tmp_path / "p" / "b" / "*.png"), "--ckpt",
+                        str(ckpt), "--predict-out", str(out)])["predictions"]
+    assert sorted(Path(p).name for p in probs) == ["one.png", "three.png", "two.png"]
+    printed = capsys.readouterr().out
+    assert "broken.png" in printed and "predicted 3 images; skipped 2 files" in printed
+    rows = list(csv.reader(out.open()))
+    assert rows[0] == ["file", "top_class", *data.CLASSES] and len(rows) == 4
+    for row in rows[1:]:
+        p = [float(x) for x in row[2:]]
+        assert sum(p) == pytest.approx(1, abs=1e-5) and row[1] == data.CLASSES[int(np.argmax(p))]
+    expect_exit_2(capsys, ["--predict", str(tmp_path / "p"), "--ckpt", str(ckpt), "--img-size", "96", "96"],
+                  "img_size=[32, 48] (checkpoint) vs [96, 96]")
+
+
+def test_train_help_shows_every_default_whole_sentences_and_examples(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = capsys.readouterr().out
+    parser = train.build_parser()
+    for action in parser._actions:
+        if action.help not in (None, argparse.SUPPRESS) and action.default not in (None, False, argparse.SUPPRESS):
+            assert f"(default:{action.default}".replace(" ", "") in "".join(text.split()), action.dest
+    assert "examples:" in text and "--predict-out" in text and "--resume runs/" in text
 
 
 # ---- POSTER V2's checkpoints as they are; --init-from; --train-only --------------------------------

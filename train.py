@@ -5,7 +5,7 @@ train.py: train, evaluate and use FaceRWKV; every experiment of the paper from o
     python train.py --data CAER-S --experiment table2-small   # a paper experiment (list: --help)
     torchrun --nproc_per_node 4 train.py --data CAER-S --experiment table3-hybrid-unfrozen
     python train.py --eval-only runs/NAME/best.pt             # test metrics of a checkpoint
-    python train.py --predict face.jpg --ckpt runs/NAME/best.pt
+    python train.py --predict photos/ --ckpt runs/NAME/best.pt --predict-out predictions.csv
     python train.py --plot runs/A runs/B --plot-out val_acc.png
     python train.py --eval-only rafdb-posterv2.pth --data RAF-DB    # a POSTER V2 checkpoint as it is
     python train.py --data RAF-DB --experiment poster-rwkv --init-from rafdb-posterv2.pth --train-only mixer,head
@@ -17,13 +17,14 @@ demo (DEMO below: synthetic faces at 36x48, patch 12).
 
 A run directory (--out/--name) belongs to one run, which holds train.lock while it runs. It holds
 config.json (model config + every setting), metrics.jsonl (one row per epoch), last.pt (everything
-needed to resume, at the end of every epoch and every --save-every-steps steps; the one before is
-kept as last-prev.pt), best.pt, test_metrics.json, confusion.csv and summary.json. A run killed at
+needed to resume, at the end of every epoch, every --save-every-steps steps and at Ctrl-C), best.pt,
+test_metrics.json, confusion.csv and summary.json, each written whole. A run stopped or killed at
 any moment and resumed with --resume ends with the same parameters as an uninterrupted one (seeded,
 CPU): the data order is a function of (seed, epoch) and the checkpoint holds the optimizer,
-scheduler, step and every process's RNG state. A checkpoint supplies a model, its data and its
-recipe (CARRIED) -- never what to do or where to write. Under torchrun the global batch, and with
-it the recipe, stays that of --batch-size whatever the number of processes.
+scheduler, step, every process's RNG state and a fingerprint of the data. A checkpoint supplies a
+model, its classes, its data and its recipe (CARRIED) -- never what to do or where to write. Under
+torchrun the global batch, and with it the recipe, stays that of --batch-size whatever the number of
+processes. A user's error is one line (main); a bug keeps its traceback.
 """
 
 import argparse
@@ -395,7 +396,8 @@ def parse_args(argv):
     if ckpt and ckpt.get("restart"):  # a run folder that never wrote a checkpoint: its settings, a fresh start
         args.out, args.name, args.resume, ckpt = str(Path(ckpt["path"]).parent.parent), Path(ckpt["path"]).parent.name, \
             None, None
-    if is_demo(args) and args.patch_size is None and not ckpt and PRESETS.get(args.size, {}).get("mixer") != "vrwkv":
+    if is_demo(args) and args.patch_size is None and not ckpt and args.size in PRESETS \
+            and PRESETS[args.size].get("mixer") != "vrwkv":
         args.patch_size = DEMO_PATCH[args.backbone or PRESETS[args.size].get("backbone", "none")]
     args.img_size, args.synthetic_size = tuple(args.img_size), tuple(args.synthetic_size)
     args.random_erasing, args.erasing_scale = data.check_erasing(args.random_erasing, args.erasing_scale)
@@ -1093,7 +1095,7 @@ def predict(args, ckpt):
         try:
             image = data.load_image(path, input_size(model.config), normalize=model.config.imagenet_norm)
         except data.DataError as e:
-            skipped.append((path, str(e)))
+            skipped.append((path, "unreadable", str(e)))
             print(f"skipped: {e}")
             continue
         probs = F.softmax(model(image[None].to(device)).float(), dim=1)[0].cpu().tolist()
@@ -1106,9 +1108,8 @@ def predict(args, ckpt):
                                      *([p, max(r, key=r.get), *(f"{v:.6f}" for v in r.values())]
                                        for p, r in results.items())])
         print(f"wrote {args.predict_out} ({len(results)} images)")
-    print(f"predicted {len(results)} images" + (f"; skipped {len(skipped)}: " + "; ".join(
-        f"{data.shown(n)} ({why})" for n, why in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
-        if skipped else ""))
+    print(f"predicted {len(results)} image{'s' * (len(results) != 1)}" + (f"; {data.skipped_line(skipped)}"
+                                                                          if skipped else ""))
     if not results:
         raise UsageError(f"--predict: no image could be read among {' '.join(args.predict)}")
     return results
