@@ -23,6 +23,9 @@ file a test writes goes under pytest's temporary folder (FACERWKV_CACHE included
       transformer block against attention written out, run_rnn
   The Vision-RWKV mixer                  -k test_vrwkv  (every Vision-RWKV case, the model's too: -k vrwkv)
       Q-Shift against a loop; RWKV-4's init; sees the whole image; several grids; no RNN mode
+  The mixers' weights (what train.py --explain draws)                  -k test_explain
+      eq. 14's and Bi-WKV's terms over their sum, each mixer's (attention's too) and the pooled
+      token's, layer by layer, FaceRWKV's and POSTER's: applied to v, each layer's output
   POSTER V2 and POSTER-RWKV                                            -k test_poster
       every stage's shape and the published 43.7 M at 224; the token mixers; weight files of
       both IR-50 namings and MobileFaceNet's, the frozen landmark branch; the config; the
