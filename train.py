@@ -1075,7 +1075,8 @@ def heat_cells(img, box, values, vmax, labels, under=None):
     half with the image `under` if given, and labelled where its label fits."""
     left, top, right, bottom = box
     rows, cols = len(values), len(values[0])
-    w, h, size = (right - left) / cols, (bottom - top) / rows, 16 if (right - left) / cols >= 60 else 13
+    w, h = (right - left) / cols, (bottom - top) / rows
+    size = 16 if w >= 60 else 13
     layer = Image.new("RGB", (right - left, bottom - top))
     cells = [(r, c) for r in range(rows) for c in range(cols)]
     for r, c in cells:
@@ -1094,9 +1095,15 @@ def heat_cells(img, box, values, vmax, labels, under=None):
                                 stroke_width=2 * over, stroke_fill="black")
 
 
-def save_picture(img, path):
-    """Written whole or not at all; PNGs quickly compressed (a confusion matrix ends every run)."""
-    atomic_write(path, lambda tmp: img.save(tmp, compress_level=1))
+def save_picture(img, path, flag=None):
+    """Written whole or not at all, PNGs quickly compressed (a confusion matrix ends every run); with
+    a flag, a folder that refuses it is a UsageError naming the flag."""
+    try:
+        atomic_write(path, lambda tmp: img.save(tmp, compress_level=1))
+    except OSError as e:
+        if flag is None:
+            raise
+        raise UsageError(f"{flag} {path}: {e.strerror or e}") from None
 
 
 def picture_path(path, flag):
@@ -1192,7 +1199,7 @@ def plot_runs(run_dirs, out_path):
     for i, (_, legend) in enumerate(runs):
         draw.line([(20, 550 + 26 * i), (50, 550 + 26 * i)], PALETTE[i % len(PALETTE)], 5)
         text(draw, (60, 550 + 26 * i), legend, anchor="lm")
-    save_picture(img, out_path)
+    save_picture(img, out_path, "--plot-out")
     print(f"wrote {out_path} ({len(runs)} run{'s' * (len(runs) > 1)})")
     return str(out_path)
 
@@ -1258,7 +1265,7 @@ def explain_panels(model, layers):
              for s in range(3)] for i, a in enumerate(maps)], caption
 
 
-def draw_explain(face, panels, caption, title, path):
+def draw_explain(face, panels, caption, title):
     """Heat maps over the face: rows of panels (label, rows x cols weights), the face as the model
     sees it first, one colour scale for all, the caption under them."""
     pw = 240 if len(panels) + len(panels[0]) <= 5 else 180
@@ -1279,7 +1286,7 @@ def draw_explain(face, panels, caption, title, path):
     colour_bar(img, (right, 74, right + 16, bottom), vmax, "weight (%)")
     for i, line in enumerate(lines):
         text(draw, (20, bottom + 20 + 20 * i), line, size=15)
-    save_picture(img, path)
+    return img
 
 
 def explain(args):
@@ -1296,7 +1303,10 @@ def explain(args):
         raise UsageError(f"--explain: {where} has no token mixer (a linear probe or mixer=identity): no patch is "
                          "mixed into another")
     out = Path(args.out or where.parent)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out}: {e.strerror or e}; give a folder --explain may write to") from None
     written = []
     for path in args.explain:
         image = data.load_image(path, input_size(c), normalize=c.imagenet_norm)[None].to(device)
@@ -1308,7 +1318,7 @@ def explain(args):
             target = target.with_stem(f"{target.stem}-{len(written)}")
         face = Image.fromarray((data.load_image(path, input_size(c)) * 255).round().byte().permute(1, 2, 0).numpy())
         title = f"{Path(path).name}: {classes[top]} ({100 * p[top]:.0f}%) by {where.parent.name}/{where.name}"
-        draw_explain(face, *explain_panels(model, layers), title, target)
+        save_picture(draw_explain(face, *explain_panels(model, layers), title), target, "--out")
         print(f"{path}: {classes[top]} ({100 * p[top]:.1f}%); wrote {target}")
         written.append(str(target))
     return written
