@@ -137,6 +137,76 @@ def biwkv(w, u, k, v, backend=None):
     return _run_operator("biwkv", BiWKVFunction, biwkv_torch, w, u, k, v, backend)
 
 
+# The same sums as weights: y_t = sum_i a_{t,i} v_i per channel, a_{t,i} the term of v_i over the
+# denominator (eq. 14; Bi-WKV's for bidirectional); then a mixer's (the classes below: RWKV-4's,
+# Vision-RWKV's, attention's) and the pooled token's, layer by layer: what train.py --explain draws.
+
+def wkv_weights(w, u, k, rows=None, bidirectional=False):
+    """a[b, j, i, c]: the weight of v_i in y_t, t = rows[j] (default: every token), per channel;
+    WKV's e^{-(t-1-i) w + k_i} (i < t), e^{u + k_t} (i = t), 0 (i > t) over their sum, or Bi-WKV's
+    e^{-(|t-i|-1) w + k_i} (i != t). float64; w, u (C,), k (B, T, C) -> (B, len(rows), T, C),
+    summing to 1 over i, and (a * v[:, None]).sum(2) is wkv_torch's (biwkv_torch's) y[:, rows]."""
+    w, u, k = (x.double() for x in (w, u, k))
+    T = k.shape[1]
+    i = torch.arange(T, device=k.device)                                      # the token weighed
+    t = i[:, None] if rows is None else torch.as_tensor(rows, device=k.device).view(-1, 1)  # the output's
+    gap = (t - i).abs() - 1 if bidirectional else t - 1 - i                  # (R, T): decay steps
+    expo = -gap[None, :, :, None] * w + k[:, None]                           # (B, R, T, C)
+    expo = torch.where((t == i)[None, :, :, None], (u + k[:, t[:, 0]])[:, :, None], expo)  # i = t: the bonus
+    if not bidirectional:
+        expo = expo.masked_fill((i > t)[None, :, :, None], -math.inf)        # WKV never sees the future
+    return torch.softmax(expo, dim=2)  # e^expo / sum_i e^expo, by the largest exponent: no overflow
+
+
+def mixer_weights(mixer, x, grids=None, rows=None):
+    """The weights of a token mixer (below: RWKV-4's TimeMix, Vision-RWKV's spatial mix, Attention)
+    at its input x (B, T, d) (grids: Vision-RWKV's Q-Shift grids), per value channel: (B, R, T, C)
+    float64, (a * v[:, None]).sum(2) being the mixer's y[:, rows] before its output projection.
+    Attention's are each head's softmax row, shared by the head's C / n_head channels."""
+    if isinstance(mixer, Attention):
+        B, T, C = x.shape
+        h = mixer.n_head
+        q, k, _ = mixer.qkv(x).double().view(B, T, 3, h, C // h).permute(2, 0, 3, 1, 4)  # (B, h, T, C/h)
+        q = q if rows is None else q[:, :, rows]
+        a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(C // h), dim=-1)            # (B, h, R, T)
+        return a.permute(0, 2, 3, 1).repeat_interleave(C // h, dim=3)                     # (B, R, T, C)
+    if isinstance(mixer, VRWKVSpatialMix):
+        m, T = mixer, x.shape[1]
+        k = m.project(x, q_shift(x, grids), m.spatial_mix_k, m.spatial_mix_v, m.spatial_mix_r)[0]
+        return wkv_weights(m.spatial_decay / T, m.spatial_first / T, k, rows, bidirectional=True)
+    k = mixer.project(x, token_shift(x), mixer.time_mix_k, mixer.time_mix_v, mixer.time_mix_r)[0]
+    return wkv_weights(torch.exp(mixer.time_decay), mixer.time_first, k, rows)
+
+
+@torch.no_grad()
+def pooled_weights(model, images, chunk=64):
+    """What the pooled token draws from each token, layer by layer: every mixer's weights (its
+    input caught by a hook) in the row of the last token (model.config.pool "last"), of the cls
+    token ("cls"), or averaged over all rows ("mean"), averaged over channels. model: FaceRWKV or
+    POSTER -> (logits, [(mixer's name, (B, T) float64, each row summing to 1)])."""
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda m, args: inputs.__setitem__(m, args))
+             for m in model.modules() if isinstance(m, (TimeMix, Attention))]
+    try:
+        logits = model(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    out = []
+    for name, m in model.named_modules():
+        if m not in inputs:
+            continue
+        T = inputs[m][0].shape[1]
+        row = {"last": T - 1, "cls": 0}.get(model.config.pool)  # None: pool "mean", every row
+        if row is not None:
+            a = mixer_weights(m, *inputs[m], rows=[row])[:, 0]                          # (B, T, C)
+        else:  # the mean of all rows, `chunk` rows at a time (T x T x C need not fit at once)
+            a = sum(mixer_weights(m, *inputs[m], rows=list(range(s, min(s + chunk, T)))).sum(1)
+                    for s in range(0, T, chunk)) / T
+        out.append((name, a.mean(2)))  # (B, T): averaged over channels
+    return logits, out
+
+
 # -----------------------------------------------------------------------------
 # RWKV-4 block (RWKV-4 paper, section 4 and Fig. 2): time-mix and channel-mix, pre-LN residual
 

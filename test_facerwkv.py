@@ -23,6 +23,9 @@ file a test writes goes under pytest's temporary folder (FACERWKV_CACHE included
       transformer block against attention written out, run_rnn
   The Vision-RWKV mixer                  -k test_vrwkv  (every Vision-RWKV case, the model's too: -k vrwkv)
       Q-Shift against a loop; RWKV-4's init; sees the whole image; several grids; no RNN mode
+  The mixers' weights (what train.py --explain draws)                  -k test_explain
+      eq. 14's and Bi-WKV's terms over their sum, each mixer's (attention's too) and the pooled
+      token's, layer by layer, FaceRWKV's and POSTER's: applied to v, each layer's output
   POSTER V2 and POSTER-RWKV                                            -k test_poster
       every stage's shape and the published 43.7 M at 224; the token mixers; weight files of
       both IR-50 namings and MobileFaceNet's, the frozen landmark branch; the config; the
@@ -1424,6 +1427,157 @@ def test_vrwkv_checkpoint_drop_path_is_stochastic_depth_linear_over_depth():
     kept = (y != 0).all(dim=(1, 2))
     assert torch.equal(y[kept], x[kept] / 0.7) and not y[~kept].any() and abs(kept.float().mean() - 0.7) < 0.03
     assert facerwkv.drop_path(x, 0.3, training=False) is x
+# ---- The mixers' weights (-k test_explain) -------------------------------------------------------
+# What --explain draws: y_t = sum_i a_{t,i} v_i per channel, for RWKV-4's WKV (eq. 14), Vision-RWKV's
+# Bi-WKV and attention. The weights against their definitions term by term; applied to v, against
+# each operator and each layer in float64; through pooled_weights' hooks, layer by layer, in the row
+# the head classifies (last, mean, POSTER's cls). Decays and bonuses random, projections non-zero.
+
+def weights_written_out(w, u, k, bidirectional=False):
+    """a[b, t, i, c] from the definition one term at a time, numpy float64: e^{-(|t-i|-1) w + k_i}
+    (i < t, or any i != t bidirectionally), e^{u + k_t} (i = t), over their sum."""
+    B, T, C = k.shape
+    expo = np.full((B, T, T, C), -np.inf)
+    for t in range(T):
+        for i in range(T):
+            if i == t:
+                expo[:, t, i] = u + k[:, t]
+            elif i < t or bidirectional:
+                expo[:, t, i] = -(abs(t - i) - 1) * w + k[:, i]
+    e = np.exp(expo - expo.max(2, keepdims=True))
+    return e / e.sum(2, keepdims=True)
+
+
+def mixer_written_out(block, x):
+    """A block's mixer at its input x (B, T, d), from its parameters by hand: (weights (B, T, T, C)
+    written out, v, and the mixer's output from them: output(sigmoid(r) * y) or proj(y))."""
+    p = {n: t.detach() for n, t in block.named_parameters()}
+    if isinstance(block, TransformerBlock):
+        B, T, C = x.shape
+        hs = C // block.attn.n_head
+        q, k, v = (x @ p["attn.qkv.weight"].T + p["attn.qkv.bias"]).split(C, dim=-1)
+        a = np.zeros((B, T, T, C))
+        for s in range(0, C, hs):
+            a[..., s:s + hs] = torch.softmax(q[..., s:s + hs] @ k[..., s:s + hs].transpose(1, 2) / math.sqrt(hs),
+                                             dim=-1)[..., None].numpy()
+        y = torch.from_numpy((a * v[:, None].numpy()).sum(2))
+        return a, v, y @ p["attn.proj.weight"].T + p["attn.proj.bias"]
+    bi, T = isinstance(block, VRWKVBlock), x.shape[1]
+    s, shifted = ("spatial", q_shift_loop(x, block.grids)) if bi else ("time", F.pad(x, (0, 0, 1, -1)))
+    k, v, r = (torch.lerp(shifted, x, p[f"att.{s}_mix_{m}"]) @ p[f"att.{name}.weight"].T
+               for m, name in (("k", "key"), ("v", "value"), ("r", "receptance")))
+    w, u = (p["att.spatial_decay"] / T, p["att.spatial_first"] / T) if bi else (p["att.time_decay"].exp(),
+                                                                               p["att.time_first"])
+    y = (facerwkv.biwkv_torch if bi else facerwkv.wkv_torch)(w, u, k, v)  # float64 all the way
+    return weights_written_out(w.numpy(), u.numpy(), k.numpy(), bi), v, (torch.sigmoid(r) * y) @ p["att.output.weight"].T
+
+
+def randomised_(model):
+    """perturb_, then decays and bonuses drawn wide (Vision-RWKV's of both signs): nothing near uniform."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        perturb_(model, scale=0.5)
+        for name, p in model.named_parameters():
+            if name.endswith(("time_decay", "spatial_decay")):
+                p.copy_(torch.empty(p.shape).uniform_(-2, 1, generator=g) if "time" in name else
+                        torch.empty(p.shape).uniform_(-8, 30, generator=g))
+            elif name.endswith(("time_first", "spatial_first")):
+                p.copy_(torch.randn(p.shape, generator=g) * (1 if "time" in name else 10))
+    return model.double().eval()
+
+
+def mixer_inputs(blocks, h):
+    """What each block's mixer sees: its first LayerNorm of the residual stream as the blocks run."""
+    inputs = []
+    for block in blocks:
+        inputs.append((block.norm1 if isinstance(block, TransformerBlock) else block.ln1)(h))
+        h = block(h)
+    return inputs
+
+
+@pytest.mark.parametrize("extreme", [False, True], ids=["order-one", "extreme"])
+@pytest.mark.parametrize("op", OPS)
+def test_explain_weights_are_the_terms_of_eq14_and_give_the_operator(op, extreme):
+    """wkv_weights is each term of eq. 14 (Bi-WKV's) over their sum, 1 in all per channel, and applied
+    to v is wkv_torch's (biwkv_torch's) y in float64 to 1e-10, k up to +-60 and w of both signs too."""
+    _, fallback, _, _, make = OPS[op]
+    w, u, k, v = (x.double() for x in make(2, 9, 5, extreme=extreme)[0])
+    a = facerwkv.wkv_weights(w, u, k, bidirectional=op == "biwkv")
+    assert a.dtype == torch.float64 and a.shape == (2, 9, 9, 5)
+    assert np.abs(a.numpy() - weights_written_out(w.numpy(), u.numpy(), k.numpy(), op == "biwkv")).max() < 1e-12
+    assert (a.sum(2) - 1).abs().max() < 1e-12
+    assert ((a * v[:, None]).sum(2) - fallback(w, u, k, v)).abs().max() < 1e-10
+    assert torch.equal(facerwkv.wkv_weights(w, u, k, rows=[8, 3], bidirectional=op == "biwkv"), a[:, [8, 3]])
+
+
+@pytest.mark.parametrize("mixer", ["rwkv", "vrwkv", "transformer"])
+def test_explain_each_mixers_weights_reproduce_its_output(mixer):
+    """mixer_weights of a layer (RWKV-4's time-mix, Vision-RWKV's spatial mix, attention) are the
+    weights written out from its parameters; applied to v and through the layer's gate and output
+    projection they give the layer's output: float64 to 1e-10 (WKV inside the layer: float32)."""
+    config = FaceRWKVConfig(**dict(TINY, mixer=mixer, n_head=4))
+    block = randomised_(FaceRWKV(config)).blocks[1]
+    mix = block.attn if mixer == "transformer" else block.att
+    x = torch.randn(2, config.n_tokens, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = facerwkv.mixer_weights(mix, x, *([block.grids] if mixer == "vrwkv" else []))
+        a_ref, v, out = mixer_written_out(block, x)
+    assert np.abs(a.numpy() - a_ref).max() < 1e-12 and (a.sum(2) - 1).abs().max() < 1e-12
+    assert a.max() > 0.5 and a[a > 0].min() < 1e-3  # far from uniform (1/24): the decays and keys matter
+    y = (a * v[:, None]).sum(2)
+    with torch.no_grad():
+        layer = mix(x, *([block.grids] if mixer == "vrwkv" else []))
+        if mixer == "transformer":
+            assert (mix.proj(y) - layer).abs().max() < 1e-10 and (out - layer).abs().max() < 1e-10
+        else:  # y is float64 WKV written out: the output by hand to 1e-10, the layer's to its float32
+            gate = torch.sigmoid(torch.lerp(q_shift_loop(x, block.grids) if mixer == "vrwkv" else F.pad(x, (0, 0, 1, -1)),
+                                            x, getattr(mix, f"{'spatial' if mixer == 'vrwkv' else 'time'}_mix_r"))
+                                 @ mix.receptance.weight.T)
+            assert (mix.output(gate * y) - out).abs().max() < 1e-10
+            assert (out - layer).abs().max() < 1e-5 * layer.abs().max()
+
+
+@pytest.mark.parametrize("pool", ["last", "mean"])
+@pytest.mark.parametrize("mixer", ["rwkv", "vrwkv", "transformer"])
+def test_explain_pooled_weights_are_the_classified_rows_of_every_layer(mixer, pool):
+    """pooled_weights gives, layer by layer, the row of the token the head classifies (the last),
+    or the mean of all rows (pool=mean: the head classifies the mean token), averaged over channels:
+    against the weights written out from each layer's input, to 1e-12; and the model's logits."""
+    config = FaceRWKVConfig(**dict(TINY, mixer=mixer, pool=pool, n_head=4))
+    model = randomised_(FaceRWKV(config))
+    x = images(config).double()
+    logits, layers = facerwkv.pooled_weights(model, x, chunk=5)  # 24 rows in chunks of 5 for the mean
+    with torch.no_grad():
+        assert torch.equal(logits, model(x))
+        inputs = mixer_inputs(model.blocks, model.embed(x))
+    assert [name for name, _ in layers] == [f"blocks.{i}.{'attn' if mixer == 'transformer' else 'att'}"
+                                            for i in range(2)]
+    for block, h, (_, a) in zip(model.blocks, inputs, layers):
+        ref = mixer_written_out(block, h)[0]
+        ref = (ref[:, -1] if pool == "last" else ref.mean(1)).mean(-1)  # (B, T)
+        assert a.shape == (2, 24) and np.abs(a.numpy() - ref).max() < 1e-12 and (a.sum(1) - 1).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("mixer, pool", [("transformer", "cls"), ("rwkv", "last"), ("vrwkv", "mean")])
+def test_explain_poster_mixers_weights_over_its_three_scales(mixer, pool):
+    """POSTER's mixer over its three scales' tokens (3 x 3x3 at backbone_size 48; 3 x 7x7 at 112):
+    the ViT's cls row (over the cls token too), the RWKV-4 mixer's last row, the Vision-RWKV
+    mixer's mean row (Q-Shift per scale), against the weights written out from each block's input."""
+    model = small(mixer=mixer, pool=pool, img_size=48, backbone_size=48, embed_dim=32, depth=2)
+    randomised_(model.mixer)
+    model.double().eval()
+    x = torch.rand(1, 3, 48, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    logits, layers = facerwkv.pooled_weights(model, x)
+    with torch.no_grad():
+        tokens, m = model.tokens(x), model.mixer
+        h = torch.cat([m.cls_token, tokens], dim=1) + m.pos_embed if mixer == "transformer" else m.ln0(tokens)
+        inputs = mixer_inputs(m.blocks, h)
+        assert torch.equal(logits, model(x))
+    assert len(layers) == 2 and model.config.n_tokens == 27
+    for block, h, (_, a) in zip(m.blocks, inputs, layers):
+        ref = mixer_written_out(block, h)[0]
+        ref = {"cls": ref[:, 0], "last": ref[:, -1], "mean": ref.mean(1)}[pool].mean(-1)
+        assert a.shape == (1, 27 + (pool == "cls")) and np.abs(a.numpy() - ref).max() < 1e-12
 
 
 # ---- POSTER V2 and POSTER-RWKV (-k test_poster) --------------------------------------------------

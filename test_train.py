@@ -2157,3 +2157,76 @@ def test_train_vrwkv_init_from_a_vision_rwkv_checkpoint(tmp_path, monkeypatch, c
     assert "head             fresh: 0 tensors loaded, 2 fresh" in out and "blocks           loaded" in out
     assert "pos_emb          loaded" in out and "patch_embed      loaded" in out and summary["test_acc"] is not None
     expect_exit_2(capsys, ["--eval-only", str(path)], "no expression classifier", "--init-from")
+# ---- train.py: the pictures (-k plot, -k confusion, -k explain) ----------------------------------
+
+def pixels_of(path, box=None):
+    """The (R, G, B) pixel counts of a picture, or of a box of it."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        return dict((c, n) for n, c in (im.crop(box) if box else im).getcolors(1 << 24))
+
+
+def test_train_plot_one_and_many_runs_one_and_many_epochs_with_and_without_test_metrics(tiny_run, tmp_path):
+    """--plot draws two panels (loss, accuracy) with every run's colour in both; a one-epoch run
+    lands mid-panel, not on the frame; a 60-epoch run without config.json or test metrics, and a run
+    without test_metrics.json, plot too, their legends saying so."""
+    one = Path(run(tmp_path, "one", "--epochs", "1")["run_dir"])
+    (one / "test_metrics.json").unlink()
+    many = tmp_path / "many"
+    many.mkdir()
+    (many / "metrics.jsonl").write_text("".join(json.dumps(
+        {"epoch": e, "train_loss": 2 / e, "train_acc": 1 - 0.8 / e, "val_loss": 1 + (e - 30) ** 2 / 900,
+         "val_acc": 0.4 + 0.1 * math.sin(e / 9)}) + "\n" for e in range(1, 61)))
+    panels = [(110, 50, 671, 451), (800, 50, 1361, 451)]
+    train.main(["--plot", str(one), "--plot-out", str(tmp_path / "one.png")])
+    with Image.open(tmp_path / "one.png") as im:
+        assert im.format == "PNG" and im.size == (1400, 616)
+    for left, top, right, bottom in panels:  # the lone epoch: x = the middle of the panel, not the frame
+        middle = (left + right) // 2
+        assert pixels_of(tmp_path / "one.png", (middle - 12, top + 5, middle + 12, bottom - 5)).get(train.PALETTE[0], 0) > 20
+    for out in ("all.png", "all.jpg"):
+        train.main(["--plot", tiny_run["run_dir"], str(one), str(many), "--plot-out", str(tmp_path / out)])
+    with Image.open(tmp_path / "all.jpg") as im:
+        assert im.format == "JPEG" and im.size == (1400, 668)
+    for box in panels:
+        assert all(pixels_of(tmp_path / "all.png", box).get(colour, 0) > 30 for colour in train.PALETTE[:3])
+    assert "best validation accuracy 50.0% at epoch 14; no test metrics" in train.read_run(many)[1]
+    assert "data not recorded" in train.read_run(many)[1] and "no test metrics" in train.read_run(one)[1]
+    assert "synthetic faces 32x48, 21/7/14 train/val/test images" in train.read_run(tiny_run["run_dir"])[1]
+
+
+def test_train_plot_out_is_checked_before_any_run_is_read(tmp_path, capsys):
+    for out, words in ((tmp_path / "nowhere" / "p.png", ("--plot-out", "no folder")),
+                       (tmp_path / "p.txt", ("--plot-out", ".png")), (tmp_path / "p", ("--plot-out", ".png"))):
+        expect_exit_2(capsys, ["--plot", str(tmp_path / "not-a-run"), "--plot-out", str(out)], *words)
+    expect_exit_2(capsys, ["--plot", str(tmp_path / "not-a-run"), "--plot-out", str(tmp_path / "p.png")], "not-a-run")
+
+
+def test_train_confusion_picture_beside_the_csv_after_training_and_eval_only(tiny_run, tmp_path):
+    """confusion.png is written with confusion.csv at the end of training and by --eval-only; each
+    row's cells are coloured by its shares (viridis), so every share's colour is in the picture."""
+    run_dir = Path(tiny_run["run_dir"])
+    train.main(["--eval-only", str(run_dir / "best.pt"), "--out", str(tmp_path)])
+    for path in (run_dir / "confusion.png", tmp_path / "confusion-tiny-best-on-synthetic.png"):
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.width > 600 and im.height > 600
+        colours = pixels_of(path)
+        for row in tiny_run["test_confusion"]:
+            assert all(train.heat(k / sum(row)) in colours for k in row), row
+
+
+def test_train_explain_draws_every_layer_over_the_face(tiny_run, tmp_path, capsys):
+    """--explain writes explain-NAME.png: the face and a heat map per layer (viridis blended with
+    the face: many colours); without --ckpt, or with a model that mixes nothing, one line."""
+    face = tmp_path / "face.png"
+    data.synthetic_face(1, "test", 3, (32, 48))[0].save(face)
+    written = train.main(["--explain", str(face), str(face), "--ckpt", tiny_run["run_dir"], "--out",
+                          str(tmp_path / "x")])["explain"]
+    assert written == [str(tmp_path / "x" / "explain-face.png"), str(tmp_path / "x" / "explain-face-1.png")]
+    with Image.open(written[0]) as im:
+        assert im.format == "PNG" and im.width > 600 and im.height > 250
+    assert len(pixels_of(written[0], (276, 74, 516, 234))) > 100  # the layer's panel: face under heat
+    assert "explain-face.png" in capsys.readouterr().out
+    expect_exit_2(capsys, ["--explain", str(face)], "--explain needs --ckpt")
+    probe = Path(run(tmp_path, "probe", "--epochs", "1", "--mixer", "identity")["run_dir"])
+    expect_exit_2(capsys, ["--explain", str(face), "--ckpt", str(probe)], "no token mixer")

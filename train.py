@@ -59,7 +59,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import data
 from facerwkv import (PRESETS, Block, FaceRWKV, FaceRWKVConfig, TransformerBlock, VRWKVBlock, atomic_write,
-                      read_checkpoint, vrwkv_state_dict)
+                      pooled_weights, read_checkpoint, vrwkv_state_dict)
 from poster import (POSTER_PRESETS, POSTERV2_CLASS_ORDER, PosterConfig, PosterRWKV, poster_param_count,
                     posterv2_state_dict)
 
@@ -281,13 +281,17 @@ def build_parser():
           "process takes batch_size / N images per step; only rank 0 writes files.")
 
     group("tools")
-    add("--plot", nargs="+", metavar="RUN_DIR", help="draw validation accuracy per epoch of these runs")
-    add("--plot-out", default="val_acc.png", help="PNG written by --plot")
+    add("--plot", nargs="+", metavar="RUN_DIR", help="draw loss and accuracy per epoch (training, validation) of "
+        "these runs")
+    add("--plot-out", default="curves.png", help="picture written by --plot: .png, .jpg or .pdf")
+    add("--explain", nargs="+", metavar="IMG", help="draw what the classified token draws from each patch, per mixer "
+        "layer, over these images (explain-NAME.png in --out, default beside --ckpt)")
     add("--predict", nargs="+", metavar="IMG", help="class probabilities of these images, folders (recursively) "
         "or glob patterns")
     add("--predict-out", metavar="CSV", help="--predict also writes one row per image: file, top class, every "
         "class's probability")
-    add("--ckpt", metavar="CKPT", help="checkpoint for --predict (a run directory's best.pt, or POSTER V2's)")
+    add("--ckpt", metavar="CKPT", help="checkpoint for --predict and --explain (a run directory's best.pt, or "
+        "POSTER V2's)")
     add("--count-params", action="store_true", help="parameters of every preset beside the paper's (Tables 1, 4)")
     add("--benchmark", nargs="?", const="benchmark.csv", metavar="CSV", help="RWKV vs transformer time and memory")
     add("--bench-methods", nargs="*", metavar="M", choices=(*BENCH_METHODS, *POSTER_PRESETS, "wkv-share"),
@@ -367,12 +371,12 @@ def parse_args(argv):
     demo < --recipe < --experiment < the checkpoint's CARRIED settings < explicit flags."""
     parser = build_parser()
     first = parser.parse_args(argv)
-    if first.predict and not first.ckpt:
-        raise UsageError("--predict needs --ckpt CKPT (e.g. runs/NAME/best.pt)")
+    if (first.predict or first.explain) and not first.ckpt:
+        raise UsageError(f"--{'predict' if first.predict else 'explain'} needs --ckpt CKPT (e.g. runs/NAME/best.pt)")
     if first.init_from and (first.resume or first.eval_only):
         raise UsageError("--init-from starts a new run from weights; it does not go with --resume or --eval-only")
     ckpt = None
-    if first.resume or first.eval_only or first.predict:
+    if first.resume or first.eval_only or first.predict or first.explain:
         ckpt = load_checkpoint(first.resume or first.eval_only or first.ckpt, first, resume=bool(first.resume))
         parser.set_defaults(**{k: ckpt["args"][k] for k in CARRIED if k in ckpt["args"]})
     else:
@@ -890,6 +894,7 @@ def report_test(title, metrics, classes, out_dir, suffix, ckpt_path):
                                                         **metrics})
     write_csv(out_dir / f"confusion{suffix}.csv",
               [["true \\ pred", *classes], *([n, *r] for n, r in zip(classes, metrics["confusion"]))])
+    draw_confusion(metrics, classes, out_dir / f"confusion{suffix}.png", ckpt_path)
 
 
 class Stopped(Exception):
@@ -1139,10 +1144,21 @@ def count_params(args):
 
 
 # -----------------------------------------------------------------------------
-# Plots: validation accuracy per epoch (the paper's Figures 4-7), drawn with Pillow
+# Pictures, drawn with Pillow: training curves (the paper's Figures 4-7), the confusion matrix, and
+# what the classified token draws from each patch, layer by layer (--explain). Colours tell apart
+# for colour-blind readers: Okabe and Ito's palette for lines, viridis (its colours as a table) for heat.
 
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+PALETTE = [(0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (230, 159, 0), (86, 180, 233),
+           (0, 0, 0), (240, 228, 66)]  # Okabe-Ito: blue, vermillion, green, purple, orange, sky blue, black, yellow
+VIRIDIS = [(68, 1, 84), (72, 40, 120), (62, 74, 137), (49, 104, 142), (38, 130, 142), (31, 158, 137),
+           (53, 183, 121), (109, 205, 89), (180, 222, 44), (253, 231, 37)]  # viridis at 0, 1/9, ..., 1
+
+
+def heat(x):
+    """viridis at x in [0, 1], linear between the table's colours."""
+    x = min(max(float(x), 0.0), 1.0) * (len(VIRIDIS) - 1)
+    i = min(int(x), len(VIRIDIS) - 2)
+    return tuple(round(a + (x - i) * (b - a)) for a, b in zip(VIRIDIS[i], VIRIDIS[i + 1]))
 
 
 def default_font(size):
@@ -1152,49 +1168,320 @@ def default_font(size):
         return ImageFont.load_default()
 
 
-def plot_runs(run_dirs, out_path):
-    """Validation accuracy per epoch of several runs in one PNG: axes, one line per run, a legend."""
-    runs = []
-    for run_dir in run_dirs:
-        metrics = Path(run_dir) / "metrics.jsonl"
-        if not metrics.is_file():
-            raise UsageError(f"{run_dir} has no metrics.jsonl; give run directories written by train.py")
-        points = [(r["epoch"], 100 * r["val_acc"]) for r in read_metrics(metrics) if r.get("val_acc") is not None]
-        if not points:
-            raise UsageError(f"{metrics} has no validation accuracy yet")
-        runs.append((Path(run_dir).resolve().name, points))
-    font = default_font(15)
-    accs = [a for _, pts in runs for _, a in pts]
-    x_max, y_lo = max(2, *(e for _, pts in runs for e, _ in pts)), 10 * math.floor(min(accs) / 10)
-    y_hi = max(10 * math.ceil(max(accs) / 10), y_lo + 10)
-    left, top, right, bottom = 70, 45, 830, 480
-    W = right + 60 + max(int(font.getlength(name)) for name, _ in runs)
+def text(draw, xy, s, size=16, anchor="la", fill="black"):
+    draw.text(xy, s, fill=fill, font=default_font(size), anchor=anchor)
 
-    def xy(epoch, acc):
-        return left + (epoch - 1) / (x_max - 1) * (right - left), bottom - (acc - y_lo) / (y_hi - y_lo) * (bottom - top)
-    img = Image.new("RGB", (W, 540), "white")
+
+def vertical_text(img, xy, s, size=16):
+    """s turned a quarter anticlockwise, centred on xy: a y axis' label."""
+    font = default_font(size)
+    label = Image.new("L", (int(font.getlength(s)) + 4, size + 8))
+    ImageDraw.Draw(label).text((label.width / 2, label.height / 2), s, fill=255, font=font, anchor="mm")
+    label = label.rotate(90, expand=True)
+    img.paste((0, 0, 0), (round(xy[0] - label.width / 2), round(xy[1] - label.height / 2)), label)
+
+
+def wrapped(s, width, size=16):
+    """s broken into lines no wider than `width` pixels."""
+    font, lines = default_font(size), [""]
+    for word in s.split():
+        if lines[-1] and font.getlength(f"{lines[-1]} {word}") > width:
+            lines.append(word)
+        else:
+            lines[-1] = f"{lines[-1]} {word}".strip()
+    return lines
+
+
+def nice_ticks(lo, hi, n=6):
+    """At most about n round values (steps of 1, 2, 2.5 or 5 x 10^k) from below lo to above hi."""
+    span = max(hi - lo, 1e-6)
+    base = 10 ** math.floor(math.log10(span / n))
+    step = next(base * m for m in (1, 2, 2.5, 5, 10) if span / (base * m) <= n)
+    return [round(step * i, 10) for i in range(math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9) + 1)]
+
+
+def axes(img, box, xlim, xticks, yticks, xlabel, ylabel):
+    """A framed plot area box = (left, top, right, bottom): x from xlim, y over the ticks' range,
+    grid lines, tick values, the axes' labels. Returns (x, y) -> pixel."""
+    draw, (left, top, right, bottom) = ImageDraw.Draw(img), box
+    (x0, x1), (y0, y1) = xlim, (yticks[0], yticks[-1])
+
+    def xy(x, y):
+        return left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top)
+    for x in xticks:
+        draw.line([xy(x, y0), xy(x, y1)], fill=(225, 225, 225))
+        text(draw, (xy(x, y0)[0], bottom + 8), f"{x:g}", anchor="mt")
+    for y in yticks:
+        draw.line([xy(x0, y), xy(x1, y)], fill=(225, 225, 225))
+        text(draw, (left - 8, xy(x0, y)[1]), f"{y:g}", anchor="rm")
+    draw.rectangle(box, outline="black", width=2)
+    text(draw, ((left + right) / 2, bottom + 32), xlabel, anchor="mt")
+    vertical_text(img, (left - 60, (top + bottom) / 2), ylabel)
+    return xy
+
+
+def colour_bar(img, box, vmax, label):
+    """viridis from 0 (bottom of box) to vmax (top), its values beside it and a label."""
+    draw, (left, top, right, bottom) = ImageDraw.Draw(img), box
+    for y in range(top, bottom + 1):
+        draw.line([(left, y), (right, y)], fill=heat((bottom - y) / (bottom - top)))
+    draw.rectangle(box, outline="black")
+    for v in (v for v in nice_ticks(0, vmax, 5) if v <= vmax * 1.001):
+        y = bottom - v / vmax * (bottom - top)
+        draw.line([(right, y), (right + 4, y)], fill="black")
+        text(draw, (right + 8, y), f"{v:g}", size=14, anchor="lm")
+    vertical_text(img, (right + 58, (top + bottom) / 2), label, size=14)
+
+
+def heat_cells(img, box, values, vmax, labels, under=None):
+    """A grid of cells filling box, each coloured heat(value / vmax) (None: grey), blended half and
+    half with the image `under` if given, and labelled where its label fits."""
+    left, top, right, bottom = box
+    rows, cols = len(values), len(values[0])
+    w, h = (right - left) / cols, (bottom - top) / rows
+    size = 16 if w >= 60 else 13
+    layer = Image.new("RGB", (right - left, bottom - top))
+    cells = [(r, c) for r in range(rows) for c in range(cols)]
+    for r, c in cells:
+        v = values[r][c]
+        ImageDraw.Draw(layer).rectangle((c * w, r * h, (c + 1) * w, (r + 1) * h), outline=(255, 255, 255),
+                                        fill=(230, 230, 230) if v is None else heat(v / vmax))
+    img.paste(layer if under is None else Image.blend(under, layer, 0.5), (left, top))
+    draw, font = ImageDraw.Draw(img), default_font(size)
+    for r, c in cells:
+        v, label = values[r][c], labels[r][c]
+        if w >= 38 and max(map(font.getlength, label.split("\n"))) < w - 4 and (label.count("\n") + 1) * (size + 3) < h:
+            over = under is not None  # on a face: white letters outlined in black; else by the cell's shade
+            dark = over or (v is not None and v / vmax < 0.6)
+            draw.multiline_text((left + (c + 0.5) * w, top + (r + 0.5) * h), label, font=font, anchor="mm",
+                                align="center", spacing=2, fill="white" if dark else "black",
+                                stroke_width=2 * over, stroke_fill="black")
+
+
+def save_picture(img, path, flag=None):
+    """Written whole or not at all, PNGs quickly compressed (a confusion matrix ends every run); with
+    a flag, a folder that refuses it is a UsageError naming the flag."""
+    try:
+        atomic_write(path, lambda tmp: img.save(tmp, compress_level=1))
+    except OSError as e:
+        if flag is None:
+            raise
+        raise UsageError(f"{flag} {path}: {e.strerror or e}") from None
+
+
+def picture_path(path, flag):
+    """Where a picture goes: an existing folder and a type named by its extension, or a UsageError."""
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".pdf"):
+        raise UsageError(f"{flag} {path}: write a .png (or .jpg, .pdf), not {path.suffix or 'a name without one'}")
+    if not path.parent.is_dir():
+        raise UsageError(f"{flag} {path}: there is no folder {path.parent}; create it or write elsewhere")
+    return path
+
+
+def dashed(draw, points, fill, width, dash=9, gap=6):
+    """A polyline in dashes: the training curves."""
+    for (xa, ya), (xb, yb) in zip(points, points[1:]):
+        length = math.hypot(xb - xa, yb - ya)
+        for s in range(0, int(length), dash + gap):
+            f, g = s / length, min(s + dash, length) / length
+            draw.line([(xa + f * (xb - xa), ya + f * (yb - ya)), (xa + g * (xb - xa), ya + g * (yb - ya))], fill, width)
+
+
+def best_row(rows):
+    """The metrics row of the best validation accuracy (the first of equals), None without validation."""
+    return max((r for r in rows if r.get("val_acc") is not None), key=lambda r: r["val_acc"], default=None)
+
+
+def read_run(run_dir):
+    """A run directory -> (its epochs' metrics rows, its legend: name, the data it used, the best
+    validation epoch, the test accuracy if test_metrics.json exists)."""
+    run_dir, metrics = Path(run_dir), Path(run_dir) / "metrics.jsonl"
+    if not metrics.is_file():
+        raise UsageError(f"{run_dir} has no metrics.jsonl; give run directories written by train.py")
+    rows = [r for r in read_metrics(metrics) if isinstance(r.get("epoch"), int) and r.get("train_loss") is not None]
+    if not rows:
+        raise UsageError(f"{metrics} has no finished epoch yet")
+    try:
+        info = json.loads((run_dir / "config.json").read_text())["data"]
+        used = ("synthetic faces" if info["root"] is None else f"{Path(info['root']).name} ({info['format']})") + (
+            f" {info['img_size'][0]}x{info['img_size'][1]}, "
+            + "/".join(str(sum(info["counts"][s])) for s in ("train", "val", "test")) + " train/val/test images")
+    except (OSError, ValueError, KeyError, TypeError):
+        used = "data not recorded (no config.json)"
+    try:
+        test = f"test accuracy {100 * json.loads((run_dir / 'test_metrics.json').read_text())['acc']:.1f}%"
+    except (OSError, ValueError, KeyError):
+        test = "no test metrics"
+    best = best_row(rows)
+    best = f"{100 * best['val_acc']:.1f}% at epoch {best['epoch']}" if best else "- (no validation split)"
+    return rows, f"{run_dir.resolve().name}: {used}; best validation accuracy {best}; {test}"
+
+
+# the two panels of --plot: (training key, validation key, scale, title, y axis)
+CURVES = [("train_loss", "val_loss", 1, "loss", "cross-entropy loss (nats)"),
+          ("train_acc", "val_acc", 100, "accuracy", "accuracy (%)")]
+
+
+def plot_runs(run_dirs, out_path):
+    """Loss and accuracy per epoch of several runs in one picture, training dashed and validation
+    solid, a colour per run, its best-validation epoch ringed; the legend says which data each run
+    used and its test accuracy."""
+    out_path = picture_path(out_path, "--plot-out")
+    runs = [read_run(d) for d in run_dirs]
+    epochs = max(r["epoch"] for rows, _ in runs for r in rows)
+    pad = max(0.5, epochs / 40)  # a one-epoch run sits mid-panel, not on the frame
+    xticks = [e for e in nice_ticks(0, epochs, 10) if e >= 1 and e == int(e)]
+    width = max(1400, 80 + max(int(default_font(16).getlength(legend)) for _, legend in runs))
+    img = Image.new("RGB", (width, 590 + 26 * len(runs)), "white")
     draw = ImageDraw.Draw(img)
-    for e in range(1, x_max + 1, max(1, x_max // 12)):
-        x = xy(e, y_lo)[0]
-        draw.line([(x, top), (x, bottom)], fill=(230, 230, 230))
-        draw.text((x, bottom + 8), str(e), fill="black", font=font, anchor="mt")
-    for acc in range(y_lo, y_hi + 1, 10 if y_hi - y_lo > 30 else 5):
-        y = xy(1, acc)[1]
-        draw.line([(left, y), (right, y)], fill=(230, 230, 230))
-        draw.text((left - 8, y), str(acc), fill="black", font=font, anchor="rm")
-    draw.rectangle([left, top, right, bottom], outline="black", width=2)
-    for i, (name, points) in enumerate(runs):
-        color, pts = PALETTE[i % len(PALETTE)], [xy(e, a) for e, a in points]
-        draw.line(pts, fill=color, width=3, joint="curve") if len(pts) > 1 else None
-        for x, y in pts:
-            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
-        draw.line([(right + 15, top + 18 + 24 * i), (right + 40, top + 18 + 24 * i)], fill=color, width=4)
-        draw.text((right + 48, top + 18 + 24 * i), name, fill="black", font=font, anchor="lm")
-    draw.text(((left + right) / 2, 15), "validation accuracy (%) per epoch", fill="black", font=font, anchor="mt")
-    draw.text(((left + right) / 2, 515), "epoch", fill="black", font=font, anchor="mt")
-    img.save(out_path)
+    for p, (train_key, val_key, scale, title, unit) in enumerate(CURVES):
+        values = [scale * r[k] for rows, _ in runs for r in rows for k in (train_key, val_key) if r.get(k) is not None]
+        margin = max(0.05 * (max(values) - min(values)), 0.01 * scale)
+        hi = max(values) + margin
+        yticks = nice_ticks(max(min(values) - margin, 0), min(hi, 100) if scale == 100 else hi)
+        box = (110 + 690 * p, 50, 670 + 690 * p, 450)
+        xy = axes(img, box, (1 - pad, epochs + pad), xticks, yticks, "epoch", unit)
+        text(draw, ((box[0] + box[2]) / 2, 28), f"{title}: training (dashed), validation (solid)", 18, "mm")
+        for i, (rows, _) in enumerate(runs):
+            colour, best = PALETTE[i % len(PALETTE)], best_row(rows)
+            for key, solid in ((train_key, False), (val_key, True)):
+                pts = [xy(r["epoch"], scale * r[key]) for r in rows if r.get(key) is not None]
+                if len(pts) > 1:
+                    draw.line(pts, colour, 3, joint="curve") if solid else dashed(draw, pts, colour, 2)
+                for x, y in pts if len(pts) <= 40 else ():  # markers, unless they would crowd
+                    draw.ellipse((x - 4, y - 4, x + 4, y + 4), colour if solid else "white", colour, 2)
+            if best and best.get(val_key) is not None:
+                x, y = xy(best["epoch"], scale * best[val_key])
+                draw.ellipse((x - 10, y - 10, x + 10, y + 10), outline=colour, width=2)
+    draw.line([(60, 520), (100, 520)], "black", 3)
+    dashed(draw, [(220, 520), (260, 520)], "black", 2)
+    draw.ellipse((370, 510, 390, 530), outline="black", width=2)
+    for x, key in ((108, "validation"), (268, "training"), (398, "best validation epoch")):
+        text(draw, (x, 520), key, anchor="lm")
+    for i, (_, legend) in enumerate(runs):
+        draw.line([(20, 550 + 26 * i), (50, 550 + 26 * i)], PALETTE[i % len(PALETTE)], 5)
+        text(draw, (60, 550 + 26 * i), legend, anchor="lm")
+    save_picture(img, out_path, "--plot-out")
     print(f"wrote {out_path} ({len(runs)} run{'s' * (len(runs) > 1)})")
     return str(out_path)
+
+
+def draw_confusion(metrics, classes, path, ckpt_path):
+    """The confusion matrix as a picture beside its csv: rows the true class, each normalised to
+    100 %, every cell's count and percentage; accuracy and mean per-class accuracy in the title."""
+    n, counts = len(classes), metrics["confusion"]
+    cell = max(56, min(90, 640 // n))
+    size = 16 if max(map(default_font(16).getlength, classes)) < cell - 4 else 12
+    left, top = 60 + max(int(default_font(size).getlength(c)) for c in classes), 110
+    img = Image.new("RGB", (left + n * cell + 110, top + n * cell + 20), "white")
+    draw = ImageDraw.Draw(img)
+    shares = [[k / sum(row) if sum(row) else None for k in row] for row in counts]
+    heat_cells(img, (left, top, left + n * cell, top + n * cell), shares, 1.0,
+               [[f"{k}\n{100 * s:.1f}%" if s is not None else "-" for k, s in zip(*rs)] for rs in zip(counts, shares)])
+    for i, name in enumerate(classes):
+        text(draw, (left - 8, top + (i + 0.5) * cell), name, size=size, anchor="rm")
+        text(draw, (left + (i + 0.5) * cell, top - 6), name, size=size, anchor="md")
+    text(draw, (left + n * cell / 2, top - 30), "predicted class", anchor="md")
+    vertical_text(img, (18, top + n * cell / 2), "true class")
+    ckpt = Path(ckpt_path)
+    text(draw, (img.width / 2, 10), f"{ckpt.parent.name}/{ckpt.name} on {metrics['n']} test images", 18, "mt")
+    text(draw, (img.width / 2, 36), f"accuracy {100 * metrics['acc']:.1f}%, mean per-class accuracy "
+         f"{100 * metrics['mean_class_acc']:.1f}%", 18, "mt")
+    right = left + n * cell + 16
+    colour_bar(img, (right, top, right + 16, top + n * cell), 100, "share of the true class (%)")
+    save_picture(img, path)
+
+
+# what --explain draws, in words: the mixer's weights and the row that is classified
+WEIGHTS_IN_WORDS = {
+    "rwkv": "RWKV-4's WKV (eq. 14): e^(-(t-1-i)w + k_i) for the patches i before t, e^(u + k_t) for t itself and "
+            "0 after t, over their sum",
+    "vrwkv": "Vision-RWKV's Bi-WKV: e^(-(|t-i|-1)w/T + k_i) for every patch i but t, e^(u/T + k_t) for t itself, "
+             "over their sum",
+    "transformer": "attention: the softmax over i of q_t . k_i / sqrt(d/h) in each head",
+}
+POOLED_IN_WORDS = {"last": "t is the last token, the one the head classifies (pool=last)",
+                   "mean": "averaged over every token t, as the head classifies their mean (pool=mean)",
+                   "cls": "t is the cls token, the one the head classifies (pool=cls; its share of itself is "
+                          "not drawn)"}
+
+
+def explain_panels(model, layers):
+    """pooled_weights' layers (one image) -> rows of panels (label, rows x cols weights) and the
+    caption saying what they show: FaceRWKV's layers side by side on its patch grid; POSTER's, a row
+    per layer of its three scales, each a g x g grid (the cls token's share of itself left out)."""
+    c, maps = model.config, [a[0].cpu().numpy() for _, a in layers]
+    T = len(maps[0])
+    caption = (f"Each panel: a mixer layer of {type(model).__name__} (mixer {c.mixer}), the weight (%) of patch i's "
+               f"token in the mixer's output at token t, {WEIGHTS_IN_WORDS[c.mixer]}; {POOLED_IN_WORDS[c.pool]}; per "
+               f"channel, averaged over the channels. A layer's {T} weights sum to 100% (uniform: {100 / T:.1f}% "
+               "each). After the first layer a token holds its patch mixed with others: a place, not only its pixels.")
+    if not isinstance(model, PosterRWKV):
+        return [[(f"layer {i + 1}", a.reshape(c.grid)) for i, a in enumerate(maps)]], caption
+    g, skip = c.grids[2], int(c.pool == "cls")
+    caption += (f" POSTER's {T - skip} tokens: three scales, from its {', '.join(f'{s}x{s}' for s in c.grids)} "
+                f"maps, each on a {g}x{g} grid over the face" + (
+                    "; the cls token keeps " + ", ".join(f"{100 * a[0]:.1f}%" for a in maps) + " of itself (layer 1, "
+                    "2, ...)." if skip else "."))
+    return [[(f"layer {i + 1}, scale {s + 1}", a[skip + s * g * g:skip + (s + 1) * g * g].reshape(g, g))
+             for s in range(3)] for i, a in enumerate(maps)], caption
+
+
+def draw_explain(face, panels, caption, title):
+    """Heat maps over the face: rows of panels (label, rows x cols weights), the face as the model
+    sees it first, one colour scale for all, the caption under them."""
+    pw = 240 if len(panels) + len(panels[0]) <= 5 else 180
+    ph = round(pw * face.height / face.width)
+    right, bottom = 20 + (1 + max(map(len, panels))) * (pw + 16), 40 + len(panels) * (ph + 34)  # the colour bar's
+    lines = wrapped(caption, right + 60, 15)
+    img = Image.new("RGB", (right + 100, bottom + 30 + 20 * len(lines)), "white")
+    draw, face = ImageDraw.Draw(img), face.resize((pw, ph), Image.BICUBIC)
+    grey, vmax = face.convert("L").convert("RGB"), max(100 * float(a.max()) for row in panels for _, a in row)
+    img.paste(face, (20, 74))
+    text(draw, (20, 14), title, size=18)
+    text(draw, (20, 54), "input, as the model sees it", size=15)
+    for r, row in enumerate(panels):
+        for c, (label, a) in enumerate(row):
+            x, y = 20 + (c + 1) * (pw + 16), 74 + r * (ph + 34)
+            text(draw, (x, y - 20), label, size=15)
+            heat_cells(img, (x, y, x + pw, y + ph), 100 * a, vmax, [[f"{100 * v:.1f}" for v in rr] for rr in a], grey)
+    colour_bar(img, (right, 74, right + 16, bottom), vmax, "weight (%)")
+    for i, line in enumerate(lines):
+        text(draw, (20, bottom + 20 + 20 * i), line, size=15)
+    return img
+
+
+def explain(args, ckpt):
+    """--explain: for each image, the weight every patch carries in the token that is classified,
+    per mixer layer (facerwkv.pooled_weights, exact), drawn over the face: explain-NAME.png in
+    --out (default: beside the checkpoint)."""
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    model, classes, where = model_from_checkpoint(ckpt, device), ckpt["classes"], Path(ckpt["path"])
+    c = model.config
+    if getattr(c, "mixer", "identity") == "identity":
+        raise UsageError(f"--explain: {where} has no token mixer (a linear probe or mixer=identity): no patch is "
+                         "mixed into another")
+    out = Path(args.out or where.parent)
+    out.mkdir(parents=True, exist_ok=True)
+    files, skipped = data.image_files(args.explain)
+    if skipped:
+        print(data.skipped_line(skipped))
+    written = []
+    for path in files:
+        image = data.load_image(path, input_size(c), normalize=c.imagenet_norm)[None].to(device)
+        logits, layers = pooled_weights(model, image)
+        p = logits.float().softmax(1)[0]
+        top = int(p.argmax())
+        target = out / f"explain-{Path(path).stem}.png"
+        if str(target) in written:  # two images of one name
+            target = target.with_stem(f"{target.stem}-{len(written)}")
+        face = Image.fromarray((data.load_image(path, input_size(c)) * 255).round().byte().permute(1, 2, 0).numpy())
+        title = f"{Path(path).name}: {classes[top]} ({100 * p[top]:.0f}%) by {where.parent.name}/{where.name}"
+        save_picture(draw_explain(face, *explain_panels(model, layers), title), target, "--out")
+        print(f"{path}: {classes[top]} ({100 * p[top]:.1f}%); wrote {target}")
+        written.append(str(target))
+    return written
 
 
 # -----------------------------------------------------------------------------
@@ -1613,6 +1900,8 @@ def run_command(args, ckpt):
         return run_benchmark(args)
     if args.plot:
         return {"plot": plot_runs(args.plot, args.plot_out)}
+    if args.explain:
+        return {"explain": explain(args, ckpt)}
     if args.predict:
         return {"predictions": predict(args, ckpt)}
     result = eval_only(args, ckpt) if args.eval_only else train(args, resume=ckpt)
