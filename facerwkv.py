@@ -20,7 +20,6 @@ import collections
 import ctypes
 import functools
 import hashlib
-import importlib
 import math
 import os
 import pickle
@@ -657,48 +656,26 @@ class FaceRWKV(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Weight files: read by torch.load through an unpickler that rebuilds tensors and plain data
-# only. Any other class becomes an inert placeholder: never imported, and calling it (what a
-# malicious __reduce__ does) stops the load.
+# Weight files: read by torch.load(weights_only=True), torch's own unpickler, which rebuilds tensors
+# and plain data only; numpy's arrays and scalars are let in too. A class the file names from
+# elsewhere (e.g. POSTER V2's main.RecorderMeter) becomes an inert stand-in: never imported, and
+# calling it (what a malicious __reduce__ does) refuses the file.
 
-PLAIN_GLOBALS = {  # module: the names a weights file may use from it
-    "builtins": "set frozenset list dict tuple int float complex bool str bytes bytearray slice range",
-    "collections": "OrderedDict", "_codecs": "encode", "numpy": "ndarray dtype",
-    "torch": "Size Tensor device UntypedStorage TypedStorage", "torch.storage": "UntypedStorage TypedStorage",
-    "torch.nn.parameter": "Parameter", "torch._tensor": "_rebuild_from_type_v2", "torch.serialization": "_get_layout",
-    "torch._utils": "_rebuild_tensor _rebuild_tensor_v2 _rebuild_tensor_v3 _rebuild_parameter "
-                    "_rebuild_parameter_with_state _rebuild_device_tensor_from_numpy"}
-
-
-@functools.lru_cache(maxsize=None)
-def _plain_globals():
-    g = {(m, n): getattr(importlib.import_module(m), n) for m, names in PLAIN_GLOBALS.items() for n in names.split()
-         if hasattr(importlib.import_module(m), n)}
-    g.update((("torch", n), v) for n, v in vars(torch).items() if isinstance(v, (torch.dtype, torch.layout)))
-    g.update((("numpy.dtypes", n), v) for n, v in vars(np.dtypes).items() if isinstance(v, type))
-    multiarray = (getattr(np, "_core", None) or np.core).multiarray  # numpy 2 renamed numpy.core
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        g[module, "_reconstruct"], g[module, "scalar"] = multiarray._reconstruct, multiarray.scalar
-    return g
+_MULTIARRAY = (getattr(np, "_core", None) or np.core).multiarray  # numpy 2 renamed numpy.core
+PLAIN_DATA = [np.ndarray, np.dtype, *{type(np.dtype(c)) for c in np.typecodes["All"]},  # numpy.dtypes.Int16DType, ...
+              frozenset, range, slice, int, float, bool, str, bytes, list, dict, tuple] + [
+    (getattr(_MULTIARRAY, n), f"numpy.{core}.multiarray.{n}") for core in ("core", "_core")
+    for n in ("_reconstruct", "scalar")]
 
 
-class NotPlainWeights(ValueError):
-    """A pickle that calls something other than the plain-data rebuilders."""
+class Placeholder:
+    """Stands in for an instance of a class the file names: made without running any of its code
+    (NEWOBJ), its pickled state kept as attributes (BUILD)."""
 
+    def __init__(self, *args, **kwargs):  # only a call runs __init__: a REDUCE, what a malicious __reduce__ does
+        raise pickle.UnpicklingError(f"calls {type(self).__module__}.{type(self).__qualname__}")
 
-class _PlaceholderType(type):
-    def __call__(cls, *args, **kwargs):  # REDUCE / INST: a pickle calling an unknown global
-        raise NotPlainWeights(f"calls {cls.__module__}.{cls.__qualname__}")
-
-
-class Placeholder(metaclass=_PlaceholderType):
-    """Stands in for an instance of a class the file names (e.g. a training script's own logger):
-    made without running any of its code (NEWOBJ), its pickled state kept as attributes."""
-
-    def __new__(cls, *args, **kwargs):
-        return object.__new__(cls)
-
-    def __setstate__(self, state):  # BUILD
+    def __setstate__(self, state):
         state, slots = state if isinstance(state, tuple) and len(state) == 2 else (state, None)
         for part in (state, slots):
             if isinstance(part, dict):
@@ -707,40 +684,54 @@ class Placeholder(metaclass=_PlaceholderType):
                 self.__dict__["state"] = part
 
 
-class _plain_pickle:
-    """What torch.load calls `pickle_module`: the standard pickle with a restricted Unpickler."""
+def stand_in(name):
+    """("module.Name" as an inert subclass of Placeholder, name), for torch.serialization.safe_globals."""
+    module, _, qualname = name.rpartition(".")
+    return type(qualname, (Placeholder,), {"__module__": module, "__qualname__": qualname}), name
 
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            return _plain_globals().get((module, name)) or _PlaceholderType(
-                name, (Placeholder,), {"__module__": module, "__qualname__": name})
 
-    @staticmethod
-    def load(f, **kwargs):
-        return _plain_pickle.Unpickler(f, **kwargs).load()
+def first_nonfinite(obj):
+    """The key path ('model.head.weight') of a floating tensor holding NaN or inf in obj, walking
+    dicts, lists and tuples; None if there is none."""
+    todo, seen = [("", obj)], set()
+    while todo:
+        key, obj = todo.pop()
+        if isinstance(obj, torch.Tensor) and obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+            return key or "(the file's one tensor)"
+        if isinstance(obj, (dict, list, tuple)) and id(obj) not in seen:
+            seen.add(id(obj))
+            items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+            todo += [(f"{key}.{k}" if key else str(k), v) for k, v in items]
+    return None
+
+
+def _first_line(e):
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
 def read_checkpoint(path):
-    """A torch weights file's object (usually a dict), loaded on the CPU without running any code."""
+    """A torch weights file's object (usually a dict), loaded on the CPU without running any code;
+    every floating tensor in it finite."""
     path = Path(path)
     check(path.is_file(), f"{path}: weights file not found")
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            check(not any(n.endswith("constants.pkl") for n in z.namelist()),
-                  f"{path}: a TorchScript archive, not a plain weights file; FaceRWKV never unpickles code")
     try:
-        return torch.load(path, map_location="cpu", pickle_module=_plain_pickle, weights_only=False)
-    except NotPlainWeights as e:
-        raise ValueError(f"{path}: the pickle {e}, so it is not a plain weights file; "
+        with torch.serialization.safe_globals(PLAIN_DATA):
+            foreign = torch.serialization.get_unsafe_globals_in_checkpoint(path) if zipfile.is_zipfile(path) else []
+            with torch.serialization.safe_globals([stand_in(name) for name in foreign]):
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch.load wraps its unpickler's one-line refusal in a page of advice
+        raise ValueError(f"{path}: could not read it as a plain weights file ({_first_line(e.__context__ or e)}); "
                          f"FaceRWKV never unpickles code") from None
-    except Exception as e:  # truncated, not a torch file, ...
-        why = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"{path}: could not read it as a torch weights file ({type(e).__name__}: {why})") from None
+    except Exception as e:  # truncated, not a torch file, a TorchScript archive, ...
+        raise ValueError(f"{path}: could not read it as a torch weights file ({_first_line(e)})") from None
+    bad = first_nonfinite(ckpt)
+    check(bad is None, f"{path}: tensor {bad} holds NaN or infinite values")
+    return ckpt
 
 
 def read_state_dict(path):
     """A weights file as {str: Tensor}: unwraps {'state_dict': ...} / {'model': ...} and a
-    DataParallel 'module.' prefix; every value a tensor with finite values."""
+    DataParallel 'module.' prefix."""
     sd = read_checkpoint(path)
     for wrapper in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
@@ -750,8 +741,6 @@ def read_state_dict(path):
     for key, value in sd.items():
         check(isinstance(key, str), f"{path}: key {key!r} is not a string; not a state dict")
         check(isinstance(value, torch.Tensor), f"{path}: {key} is a {type(value).__name__}, not a tensor")
-        check(not value.is_floating_point() or bool(torch.isfinite(value).all()),
-              f"{path}: tensor {key} holds NaN or infinite values")
         out[key.removeprefix("module.")] = value
     return out
 

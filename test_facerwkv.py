@@ -881,29 +881,56 @@ requires_cxx = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is 
                                   reason="needs a C++ compiler (g++)")
 
 
-class _WritesAFile:
-    """A pickle payload whose __reduce__ runs os.system('touch path') when unpickled."""
+class _Payload:
+    """A pickle payload whose __reduce__ calls `function(*args)` when unpickled."""
 
-    def __init__(self, path):
-        self.path = str(path)
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
 
     def __reduce__(self):
-        return (os.system, (f"touch {self.path}",))
+        return self.function, self.args
 
 
-def test_model_weights_malicious_pickle_runs_nothing(tmp_path):
-    marker = tmp_path / "pwned"
+@pytest.mark.parametrize("call", ["system", "rmtree"])  # torch's unpickler refuses module os; rmtree meets a stand-in
+def test_model_weights_malicious_pickle_runs_nothing(tmp_path, call):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    payload = _Payload(os.system, f"touch {victim / 'pwned'}") if call == "system" else _Payload(shutil.rmtree, str(victim))
     path = tmp_path / "evil.pth"
-    torch.save({"state_dict": {"w": torch.ones(2)}, "payload": _WritesAFile(marker)}, path)
+    torch.save({"state_dict": {"w": torch.ones(2)}, "payload": payload}, path)
     with pytest.raises(ValueError) as e:
         facerwkv.read_checkpoint(path)
     message = str(e.value)
-    assert "\n" not in message and str(path) in message and "system" in message
+    assert "\n" not in message and str(path) in message and call in message
     assert "never unpickles code" in message
-    assert not marker.exists()
+    assert victim.is_dir() and not (victim / "pwned").exists()
     with pytest.raises(ValueError, match="never unpickles code"):
         facerwkv.read_state_dict(path)
-    assert not marker.exists()
+    assert victim.is_dir() and not (victim / "pwned").exists()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_model_weights_torchscript_archive_is_refused(tmp_path):
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
+    with pytest.raises(ValueError, match="torchscript") as e:
+        facerwkv.read_checkpoint(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_model_weights_nonfinite_tensor_refused_by_its_key_path(tmp_path):
+    """Anywhere in the checkpoint (nested dicts, lists, tuples), not only in a state dict."""
+    head = torch.ones(3, 4)
+    head[1, 2] = float("nan")
+    torch.save({"epoch": 3, "model": {"blocks.0.w": torch.ones(2), "head.weight": head}}, tmp_path / "nested.pth")
+    torch.save({"optimizer": {"state": [{"exp_avg": torch.tensor([1.0, float("-inf")])}]}, "step": torch.tensor(7)},
+               tmp_path / "list.pth")
+    for name, key in (("nested.pth", "model.head.weight"), ("list.pth", "optimizer.state.0.exp_avg")):
+        with pytest.raises(ValueError, match=re.escape(f"tensor {key} holds NaN or infinite values")) as e:
+            facerwkv.read_checkpoint(tmp_path / name)
+        assert str(tmp_path / name) in str(e.value) and "\n" not in str(e.value)
+    torch.save({"model": {"w": torch.ones(2)}, "steps": torch.tensor([2**62]), "loss": float("nan")}, tmp_path / "ok.pth")
+    assert facerwkv.read_checkpoint(tmp_path / "ok.pth")["steps"].item() == 2**62  # integers and plain floats pass
 
 
 def test_model_weights_object_of_a_vanished_module_loads_as_placeholder(tmp_path):
