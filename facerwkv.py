@@ -794,9 +794,14 @@ def cache_dir():
     return root
 
 
+# torch.save's C++ writer reports a failed write (a full disk, ...) as a RuntimeError, its errno lost
+TORCH_WRITE_FAILED = re.compile(r"unexpected pos|file write failed|PytorchStreamWriter failed")
+
+
 def atomic_write(path, data):
     """Write bytes (or call data(tmp_path) to write the file) beside path, fsync, rename onto path:
-    readers see the old file or the whole new one, never half of it."""
+    readers see the old file or the whole new one, never half of it. A write that fails (an OSError
+    such as a full disk, or torch.save's RuntimeError) is an OSError naming path, its errno kept."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
     try:
@@ -808,9 +813,12 @@ def atomic_write(path, data):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        if not (isinstance(e, OSError) or isinstance(e, RuntimeError) and TORCH_WRITE_FAILED.search(str(e))):
+            raise
+        why = f"could not write {path} ({getattr(e, 'strerror', None) or _first_line(e)}); the previous file is untouched"
+        raise (OSError(e.errno, why) if getattr(e, "errno", None) else OSError(why)) from e
 
 
 def _sha256(path):

@@ -32,6 +32,7 @@ file a test writes goes under pytest's temporary folder (FACERWKV_CACHE included
 The data and train.py have their own file, test_train.py.
 """
 
+import errno
 import importlib
 import json
 import math
@@ -1133,6 +1134,24 @@ def test_model_atomic_write_bytes_and_callable(tmp_path):
     with pytest.raises(RuntimeError):
         facerwkv.atomic_write(target, fails)
     assert target.read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+                                   OSError(errno.ENOSPC, "No space left on device")])
+def test_model_atomic_write_failed_write_names_the_file_and_keeps_the_old_one(tmp_path, error):
+    """A full disk: what torch.save raises there (its C++ writer's RuntimeError), or an OSError."""
+    target = tmp_path / "last.pt"
+    torch.save({"step": 1}, target)
+
+    def full_disk(p):
+        open(p, "wb").write(b"PK\x03\x04 half a checkpoint")
+        raise error
+
+    with pytest.raises(OSError) as e:
+        facerwkv.atomic_write(target, full_disk)
+    assert str(target) in str(e.value) and "previous file is untouched" in str(e.value)
+    assert e.value.errno == getattr(error, "errno", None)
+    assert torch.load(target, weights_only=True) == {"step": 1} and os.listdir(tmp_path) == ["last.pt"]
 
 
 # ---- model: the shared transformer block and the RNN runner ---------------------------------------
