@@ -16,6 +16,7 @@ comparison mixers, sequencing, the config and the model; then weight files and t
 how wkv.cu runs (cupy on a GPU, g++ on a CPU).
 """
 
+import atexit
 import collections
 import ctypes
 import functools
@@ -770,28 +771,41 @@ def load_weights(module, state_dict, source, ignore=()):
 # -----------------------------------------------------------------------------
 # Files and the cache: one directory, one way to write, one digest check
 
+def _unusable(root):
+    """Why root cannot be a cache (created mode 0700 where missing), or None: it must be ours,
+    writable, and not group or world writable."""
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = root.stat()
+    except OSError as e:
+        return f"cannot create the cache directory {root} ({e.strerror})"
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        return (f"the cache directory {root} is not yours alone (owner uid {st.st_uid}, mode "
+                f"{st.st_mode & 0o777:o}); fix with chmod 700 or set FACERWKV_CACHE")
+    if not (st.st_mode & 0o200 and os.access(root, os.W_OK)):
+        return f"the cache directory {root} is read-only"
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _private_cache(problem):
-    path = Path(tempfile.mkdtemp(prefix="facerwkv-"))
-    print(f"facerwkv: warning: {problem}; using a private cache in {path} for this run", file=sys.stderr)
+    """The fallback: one folder per user in the temp folder, facerwkv-<uid>, checked as the main
+    cache is and reused by every run; where even that is unusable, a fresh folder removed at exit."""
+    path = Path(tempfile.gettempdir()) / f"facerwkv-{os.getuid()}"
+    if also := _unusable(path):
+        path, problem = Path(tempfile.mkdtemp(prefix="facerwkv-")), f"{problem}, and {also}"
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+    print(f"facerwkv: warning: {problem}; using the private cache {path}", file=sys.stderr)
     return path
 
 
 def cache_dir():
     """$FACERWKV_CACHE or ~/.cache/facerwkv (mode 0700), if it is ours, writable and not group or
-    world writable; else a private fresh directory for this process, with a one-line warning."""
-    root = Path(os.environ.get("FACERWKV_CACHE") or Path.home() / ".cache" / "facerwkv")
-    try:
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = root.stat()
-    except OSError as e:
-        return _private_cache(f"cannot create the cache directory {root} ({e.strerror})")
-    if st.st_uid != os.getuid() or st.st_mode & 0o022:
-        return _private_cache(f"the cache directory {root} is not yours alone (owner uid {st.st_uid}, mode "
-                              f"{st.st_mode & 0o777:o}); fix with chmod 700 or set FACERWKV_CACHE")
-    if not (st.st_mode & 0o200 and os.access(root, os.W_OK)):
-        return _private_cache(f"the cache directory {root} is read-only")
-    return root
+    world writable; else the private fallback above, with a one-line warning."""
+    home = os.environ.get("HOME", os.path.expanduser("~"))  # where HOME is unset, the password database's
+    root = os.environ.get("FACERWKV_CACHE") or os.path.isabs(home) and Path(home) / ".cache" / "facerwkv"
+    problem = _unusable(Path(root)) if root else f"HOME is {home!r}, not an absolute path, so there is no ~/.cache"
+    return _private_cache(problem) if problem else Path(root)
 
 
 # torch.save's C++ writer reports a failed write (a full disk, ...) as a RuntimeError, its errno lost

@@ -41,9 +41,11 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import types
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1030,7 +1032,7 @@ print("kernel ok")
 def run_kernel(cache):
     """wkv.cu on the CPU in a fresh process (a library already loaded here would be reused by
     dlopen) with the cache at `cache`: (ok, stderr)."""
-    env = dict(os.environ, FACERWKV_CACHE=str(cache))
+    env = dict(os.environ, FACERWKV_CACHE=str(cache), TMPDIR=str(cache.parent))  # the fallback beside it
     out = subprocess.run([sys.executable, "-c", KERNEL_CHECK], capture_output=True, text=True, env=env,
                          cwd=os.path.dirname(os.path.abspath(facerwkv.__file__)))
     return out.returncode == 0 and "kernel ok" in out.stdout, out.stderr
@@ -1101,16 +1103,28 @@ def test_model_cache_entry_digest_checked_on_every_use(tmp_path, monkeypatch, ca
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_model_cache_read_only_or_shared_dir_is_bypassed(tmp_path, monkeypatch, capfd, fresh_cpu_build):
+@pytest.fixture
+def temp_folder(tmp_path, monkeypatch):
+    """tempfile.gettempdir() is tmp_path/tmp: where the cache's fallback goes."""
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    return tmp_path / "tmp"
+
+
+def test_model_cache_read_only_or_shared_dir_is_bypassed(tmp_path, monkeypatch, capfd, fresh_cpu_build, temp_folder):
     ro = tmp_path / "ro"
     ro.mkdir(mode=0o500)
     monkeypatch.setenv("FACERWKV_CACHE", str(ro))
     capfd.readouterr()
     private = facerwkv.cache_dir()
     err = capfd.readouterr().err
-    assert private != ro and "read-only" in err and err.count("\n") == 1
+    assert private == temp_folder / f"facerwkv-{os.getuid()}" and "read-only" in err and err.count("\n") == 1
     assert private.stat().st_uid == os.getuid() and private.stat().st_mode & 0o777 == 0o700
     assert facerwkv.cached("x", lambda p: open(p, "wb").close()).parent == private
+    facerwkv._private_cache.cache_clear()  # the next run reuses the folder and what it built
+    assert facerwkv.cache_dir() == private and os.listdir(temp_folder) == [private.name]
+    assert facerwkv.cached("x", lambda p: pytest.fail("rebuilt")).parent == private
     group = tmp_path / "group"
     group.mkdir()
     os.chmod(group, 0o770)
@@ -1119,6 +1133,30 @@ def test_model_cache_read_only_or_shared_dir_is_bypassed(tmp_path, monkeypatch, 
     assert "not yours alone" in capfd.readouterr().err
     os.chmod(group, 0o700)
     assert facerwkv.cache_dir() == group
+
+
+@pytest.mark.parametrize("home", ["", "relative"])
+def test_model_cache_empty_home_is_an_unusable_location(monkeypatch, capfd, fresh_cpu_build, temp_folder, home):
+    """HOME= (as service managers set it) would put the cache at /.cache/facerwkv."""
+    monkeypatch.delenv("FACERWKV_CACHE")
+    monkeypatch.setenv("HOME", home)
+    capfd.readouterr()
+    assert facerwkv.cache_dir() == temp_folder / f"facerwkv-{os.getuid()}"
+    assert f"HOME is {home!r}" in capfd.readouterr().err
+
+
+def test_model_cache_fallback_taken_by_another_is_a_folder_removed_at_exit(tmp_path, temp_folder):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    planted = temp_folder / f"facerwkv-{os.getuid()}"
+    planted.mkdir(mode=0o700)
+    os.chmod(planted, 0o777)  # e.g. made by someone else in a shared /tmp
+    out = subprocess.run([sys.executable, "-c", "import facerwkv; print(facerwkv.cache_dir())"], capture_output=True,
+                         text=True, env=dict(os.environ, FACERWKV_CACHE=str(ro)), check=True,
+                         cwd=os.path.dirname(os.path.abspath(facerwkv.__file__)))
+    used = Path(out.stdout.strip())
+    assert used.parent == temp_folder and used != planted and "not yours alone" in out.stderr
+    assert os.listdir(temp_folder) == [planted.name]  # removed when the process ended
 
 
 def test_model_atomic_write_bytes_and_callable(tmp_path):
