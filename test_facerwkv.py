@@ -45,7 +45,6 @@ import tempfile
 import threading
 import types
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1061,15 +1060,18 @@ def test_model_cache_planted_library_is_never_loaded(tmp_path):
         shutil.copy(evil, lib)
     ok, err = run_kernel(cache)
     assert ok and not marker.exists() and "corrupt" in err
-    # planted in a directory others may write to, even with a matching digest: never used
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    os.chmod(shared, 0o777)
-    for lib in libraries:
-        shutil.copy(evil, shared / lib.name)
-        (shared / (lib.name + ".sha256")).write_text(facerwkv._sha256(evil))
+    # planted in a directory others may write to, even with a matching digest: never used; so is the
+    # fallback, the temp folder's facerwkv-<uid>, planted too: then a fresh folder, removed at exit
+    shared, fallback = tmp_path / "shared", tmp_path / f"facerwkv-{os.getuid()}"  # run_kernel: TMPDIR=tmp_path
+    for folder in (shared, fallback):
+        folder.mkdir()
+        os.chmod(folder, 0o777)
+        for lib in libraries:
+            shutil.copy(evil, folder / lib.name)
+            (folder / (lib.name + ".sha256")).write_text(facerwkv._sha256(evil))
     ok, err = run_kernel(shared)
-    assert ok and not marker.exists() and "not yours alone" in err
+    assert ok and not marker.exists() and err.count("not yours alone") == 2
+    assert [p.name for p in tmp_path.glob("facerwkv-*")] == [fallback.name]
 
 
 @requires_cxx
@@ -1143,20 +1145,6 @@ def test_model_cache_empty_home_is_an_unusable_location(monkeypatch, capfd, fres
     capfd.readouterr()
     assert facerwkv.cache_dir() == temp_folder / f"facerwkv-{os.getuid()}"
     assert f"HOME is {home!r}" in capfd.readouterr().err
-
-
-def test_model_cache_fallback_taken_by_another_is_a_folder_removed_at_exit(tmp_path, temp_folder):
-    ro = tmp_path / "ro"
-    ro.mkdir(mode=0o500)
-    planted = temp_folder / f"facerwkv-{os.getuid()}"
-    planted.mkdir(mode=0o700)
-    os.chmod(planted, 0o777)  # e.g. made by someone else in a shared /tmp
-    out = subprocess.run([sys.executable, "-c", "import facerwkv; print(facerwkv.cache_dir())"], capture_output=True,
-                         text=True, env=dict(os.environ, FACERWKV_CACHE=str(ro)), check=True,
-                         cwd=os.path.dirname(os.path.abspath(facerwkv.__file__)))
-    used = Path(out.stdout.strip())
-    assert used.parent == temp_folder and used != planted and "not yours alone" in out.stderr
-    assert os.listdir(temp_folder) == [planted.name]  # removed when the process ended
 
 
 def test_model_atomic_write_bytes_and_callable(tmp_path):
