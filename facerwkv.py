@@ -16,11 +16,11 @@ comparison mixers, sequencing, the config and the model; then weight files and t
 how wkv.cu runs (cupy on a GPU, g++ on a CPU).
 """
 
+import atexit
 import collections
 import ctypes
 import functools
 import hashlib
-import importlib
 import math
 import os
 import pickle
@@ -761,48 +761,26 @@ class FaceRWKV(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Weight files: read by torch.load through an unpickler that rebuilds tensors and plain data
-# only. Any other class becomes an inert placeholder: never imported, and calling it (what a
-# malicious __reduce__ does) stops the load.
+# Weight files: read by torch.load(weights_only=True), torch's own unpickler, which rebuilds tensors
+# and plain data only; numpy's arrays and scalars are let in too. A class the file names from
+# elsewhere (e.g. POSTER V2's main.RecorderMeter) becomes an inert stand-in: never imported, and
+# calling it (what a malicious __reduce__ does) refuses the file.
 
-PLAIN_GLOBALS = {  # module: the names a weights file may use from it
-    "builtins": "set frozenset list dict tuple int float complex bool str bytes bytearray slice range",
-    "collections": "OrderedDict", "_codecs": "encode", "numpy": "ndarray dtype",
-    "torch": "Size Tensor device UntypedStorage TypedStorage", "torch.storage": "UntypedStorage TypedStorage",
-    "torch.nn.parameter": "Parameter", "torch._tensor": "_rebuild_from_type_v2", "torch.serialization": "_get_layout",
-    "torch._utils": "_rebuild_tensor _rebuild_tensor_v2 _rebuild_tensor_v3 _rebuild_parameter "
-                    "_rebuild_parameter_with_state _rebuild_device_tensor_from_numpy"}
-
-
-@functools.lru_cache(maxsize=None)
-def _plain_globals():
-    g = {(m, n): getattr(importlib.import_module(m), n) for m, names in PLAIN_GLOBALS.items() for n in names.split()
-         if hasattr(importlib.import_module(m), n)}
-    g.update((("torch", n), v) for n, v in vars(torch).items() if isinstance(v, (torch.dtype, torch.layout)))
-    g.update((("numpy.dtypes", n), v) for n, v in vars(np.dtypes).items() if isinstance(v, type))
-    multiarray = (getattr(np, "_core", None) or np.core).multiarray  # numpy 2 renamed numpy.core
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        g[module, "_reconstruct"], g[module, "scalar"] = multiarray._reconstruct, multiarray.scalar
-    return g
+_MULTIARRAY = (getattr(np, "_core", None) or np.core).multiarray  # numpy 2 renamed numpy.core
+PLAIN_DATA = [np.ndarray, np.dtype, *{type(np.dtype(c)) for c in np.typecodes["All"]},  # numpy.dtypes.Int16DType, ...
+              frozenset, range, slice, int, float, bool, str, bytes, list, dict, tuple] + [
+    (getattr(_MULTIARRAY, n), f"numpy.{core}.multiarray.{n}") for core in ("core", "_core")
+    for n in ("_reconstruct", "scalar")]
 
 
-class NotPlainWeights(ValueError):
-    """A pickle that calls something other than the plain-data rebuilders."""
+class Placeholder:
+    """Stands in for an instance of a class the file names: made without running any of its code
+    (NEWOBJ), its pickled state kept as attributes (BUILD)."""
 
+    def __init__(self, *args, **kwargs):  # only a call runs __init__: a REDUCE, what a malicious __reduce__ does
+        raise pickle.UnpicklingError(f"calls {type(self).__module__}.{type(self).__qualname__}")
 
-class _PlaceholderType(type):
-    def __call__(cls, *args, **kwargs):  # REDUCE / INST: a pickle calling an unknown global
-        raise NotPlainWeights(f"calls {cls.__module__}.{cls.__qualname__}")
-
-
-class Placeholder(metaclass=_PlaceholderType):
-    """Stands in for an instance of a class the file names (e.g. a training script's own logger):
-    made without running any of its code (NEWOBJ), its pickled state kept as attributes."""
-
-    def __new__(cls, *args, **kwargs):
-        return object.__new__(cls)
-
-    def __setstate__(self, state):  # BUILD
+    def __setstate__(self, state):
         state, slots = state if isinstance(state, tuple) and len(state) == 2 else (state, None)
         for part in (state, slots):
             if isinstance(part, dict):
@@ -811,40 +789,54 @@ class Placeholder(metaclass=_PlaceholderType):
                 self.__dict__["state"] = part
 
 
-class _plain_pickle:
-    """What torch.load calls `pickle_module`: the standard pickle with a restricted Unpickler."""
+def stand_in(name):
+    """("module.Name" as an inert subclass of Placeholder, name), for torch.serialization.safe_globals."""
+    module, _, qualname = name.rpartition(".")
+    return type(qualname, (Placeholder,), {"__module__": module, "__qualname__": qualname}), name
 
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            return _plain_globals().get((module, name)) or _PlaceholderType(
-                name, (Placeholder,), {"__module__": module, "__qualname__": name})
 
-    @staticmethod
-    def load(f, **kwargs):
-        return _plain_pickle.Unpickler(f, **kwargs).load()
+def first_nonfinite(obj):
+    """The key path ('model.head.weight') of a floating tensor holding NaN or inf in obj, walking
+    dicts, lists and tuples; None if there is none."""
+    todo, seen = [("", obj)], set()
+    while todo:
+        key, obj = todo.pop()
+        if isinstance(obj, torch.Tensor) and obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
+            return key or "(the file's one tensor)"
+        if isinstance(obj, (dict, list, tuple)) and id(obj) not in seen:
+            seen.add(id(obj))
+            items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+            todo += [(f"{key}.{k}" if key else str(k), v) for k, v in items]
+    return None
+
+
+def _first_line(e):
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
 def read_checkpoint(path):
-    """A torch weights file's object (usually a dict), loaded on the CPU without running any code."""
+    """A torch weights file's object (usually a dict), loaded on the CPU without running any code;
+    every floating tensor in it finite."""
     path = Path(path)
     check(path.is_file(), f"{path}: weights file not found")
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            check(not any(n.endswith("constants.pkl") for n in z.namelist()),
-                  f"{path}: a TorchScript archive, not a plain weights file; FaceRWKV never unpickles code")
     try:
-        return torch.load(path, map_location="cpu", pickle_module=_plain_pickle, weights_only=False)
-    except NotPlainWeights as e:
-        raise ValueError(f"{path}: the pickle {e}, so it is not a plain weights file; "
+        with torch.serialization.safe_globals(PLAIN_DATA):
+            foreign = torch.serialization.get_unsafe_globals_in_checkpoint(path) if zipfile.is_zipfile(path) else []
+            with torch.serialization.safe_globals([stand_in(name) for name in foreign]):
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch.load wraps its unpickler's one-line refusal in a page of advice
+        raise ValueError(f"{path}: could not read it as a plain weights file ({_first_line(e.__context__ or e)}); "
                          f"FaceRWKV never unpickles code") from None
-    except Exception as e:  # truncated, not a torch file, ...
-        why = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"{path}: could not read it as a torch weights file ({type(e).__name__}: {why})") from None
+    except Exception as e:  # truncated, not a torch file, a TorchScript archive, ...
+        raise ValueError(f"{path}: could not read it as a torch weights file ({_first_line(e)})") from None
+    bad = first_nonfinite(ckpt)
+    check(bad is None, f"{path}: tensor {bad} holds NaN or infinite values")
+    return ckpt
 
 
 def read_state_dict(path):
     """A weights file as {str: Tensor}: unwraps {'state_dict': ...} / {'model': ...} and a
-    DataParallel 'module.' prefix; every value a tensor with finite values."""
+    DataParallel 'module.' prefix."""
     sd = read_checkpoint(path)
     for wrapper in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
@@ -854,8 +846,6 @@ def read_state_dict(path):
     for key, value in sd.items():
         check(isinstance(key, str), f"{path}: key {key!r} is not a string; not a state dict")
         check(isinstance(value, torch.Tensor), f"{path}: {key} is a {type(value).__name__}, not a tensor")
-        check(not value.is_floating_point() or bool(torch.isfinite(value).all()),
-              f"{path}: tensor {key} holds NaN or infinite values")
         out[key.removeprefix("module.")] = value
     return out
 
@@ -928,33 +918,51 @@ def vrwkv_state_dict(path, img_size=(224, 224)):
 # -----------------------------------------------------------------------------
 # Files and the cache: one directory, one way to write, one digest check
 
+def _unusable(root):
+    """Why root cannot be a cache (created mode 0700 where missing), or None: it must be ours,
+    writable, and not group or world writable."""
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = root.stat()
+    except OSError as e:
+        return f"cannot create the cache directory {root} ({e.strerror})"
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        return (f"the cache directory {root} is not yours alone (owner uid {st.st_uid}, mode "
+                f"{st.st_mode & 0o777:o}); fix with chmod 700 or set FACERWKV_CACHE")
+    if not (st.st_mode & 0o200 and os.access(root, os.W_OK)):
+        return f"the cache directory {root} is read-only"
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _private_cache(problem):
-    path = Path(tempfile.mkdtemp(prefix="facerwkv-"))
-    print(f"facerwkv: warning: {problem}; using a private cache in {path} for this run", file=sys.stderr)
+    """The fallback: one folder per user in the temp folder, facerwkv-<uid>, checked as the main
+    cache is and reused by every run; where even that is unusable, a fresh folder removed at exit."""
+    path = Path(tempfile.gettempdir()) / f"facerwkv-{os.getuid()}"
+    if also := _unusable(path):
+        path, problem = Path(tempfile.mkdtemp(prefix="facerwkv-")), f"{problem}, and {also}"
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+    print(f"facerwkv: warning: {problem}; using the private cache {path}", file=sys.stderr)
     return path
 
 
 def cache_dir():
     """$FACERWKV_CACHE or ~/.cache/facerwkv (mode 0700), if it is ours, writable and not group or
-    world writable; else a private fresh directory for this process, with a one-line warning."""
-    root = Path(os.environ.get("FACERWKV_CACHE") or Path.home() / ".cache" / "facerwkv")
-    try:
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = root.stat()
-    except OSError as e:
-        return _private_cache(f"cannot create the cache directory {root} ({e.strerror})")
-    if st.st_uid != os.getuid() or st.st_mode & 0o022:
-        return _private_cache(f"the cache directory {root} is not yours alone (owner uid {st.st_uid}, mode "
-                              f"{st.st_mode & 0o777:o}); fix with chmod 700 or set FACERWKV_CACHE")
-    if not (st.st_mode & 0o200 and os.access(root, os.W_OK)):
-        return _private_cache(f"the cache directory {root} is read-only")
-    return root
+    world writable; else the private fallback above, with a one-line warning."""
+    home = os.environ.get("HOME", os.path.expanduser("~"))  # where HOME is unset, the password database's
+    root = os.environ.get("FACERWKV_CACHE") or os.path.isabs(home) and Path(home) / ".cache" / "facerwkv"
+    problem = _unusable(Path(root)) if root else f"HOME is {home!r}, not an absolute path, so there is no ~/.cache"
+    return _private_cache(problem) if problem else Path(root)
+
+
+# torch.save's C++ writer reports a failed write (a full disk, ...) as a RuntimeError, its errno lost
+TORCH_WRITE_FAILED = re.compile(r"unexpected pos|file write failed|PytorchStreamWriter failed")
 
 
 def atomic_write(path, data):
     """Write bytes (or call data(tmp_path) to write the file) beside path, fsync, rename onto path:
-    readers see the old file or the whole new one, never half of it."""
+    readers see the old file or the whole new one, never half of it. A write that fails (an OSError
+    such as a full disk, or torch.save's RuntimeError) is an OSError naming path, its errno kept."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
     try:
@@ -966,9 +974,12 @@ def atomic_write(path, data):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        if not (isinstance(e, OSError) or isinstance(e, RuntimeError) and TORCH_WRITE_FAILED.search(str(e))):
+            raise
+        why = f"could not write {path} ({getattr(e, 'strerror', None) or _first_line(e)}); the previous file is untouched"
+        raise (OSError(e.errno, why) if getattr(e, "errno", None) else OSError(why)) from e
 
 
 def _sha256(path):

@@ -35,6 +35,7 @@ file a test writes goes under pytest's temporary folder (FACERWKV_CACHE included
 The data and train.py have their own file, test_train.py.
 """
 
+import errno
 import importlib
 import json
 import math
@@ -43,6 +44,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import types
 from dataclasses import asdict
@@ -884,29 +886,56 @@ requires_cxx = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is 
                                   reason="needs a C++ compiler (g++)")
 
 
-class _WritesAFile:
-    """A pickle payload whose __reduce__ runs os.system('touch path') when unpickled."""
+class _Payload:
+    """A pickle payload whose __reduce__ calls `function(*args)` when unpickled."""
 
-    def __init__(self, path):
-        self.path = str(path)
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
 
     def __reduce__(self):
-        return (os.system, (f"touch {self.path}",))
+        return self.function, self.args
 
 
-def test_model_weights_malicious_pickle_runs_nothing(tmp_path):
-    marker = tmp_path / "pwned"
+@pytest.mark.parametrize("call", ["system", "rmtree"])  # torch's unpickler refuses module os; rmtree meets a stand-in
+def test_model_weights_malicious_pickle_runs_nothing(tmp_path, call):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    payload = _Payload(os.system, f"touch {victim / 'pwned'}") if call == "system" else _Payload(shutil.rmtree, str(victim))
     path = tmp_path / "evil.pth"
-    torch.save({"state_dict": {"w": torch.ones(2)}, "payload": _WritesAFile(marker)}, path)
+    torch.save({"state_dict": {"w": torch.ones(2)}, "payload": payload}, path)
     with pytest.raises(ValueError) as e:
         facerwkv.read_checkpoint(path)
     message = str(e.value)
-    assert "\n" not in message and str(path) in message and "system" in message
+    assert "\n" not in message and str(path) in message and call in message
     assert "never unpickles code" in message
-    assert not marker.exists()
+    assert victim.is_dir() and not (victim / "pwned").exists()
     with pytest.raises(ValueError, match="never unpickles code"):
         facerwkv.read_state_dict(path)
-    assert not marker.exists()
+    assert victim.is_dir() and not (victim / "pwned").exists()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_model_weights_torchscript_archive_is_refused(tmp_path):
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
+    with pytest.raises(ValueError, match="torchscript") as e:
+        facerwkv.read_checkpoint(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_model_weights_nonfinite_tensor_refused_by_its_key_path(tmp_path):
+    """Anywhere in the checkpoint (nested dicts, lists, tuples), not only in a state dict."""
+    head = torch.ones(3, 4)
+    head[1, 2] = float("nan")
+    torch.save({"epoch": 3, "model": {"blocks.0.w": torch.ones(2), "head.weight": head}}, tmp_path / "nested.pth")
+    torch.save({"optimizer": {"state": [{"exp_avg": torch.tensor([1.0, float("-inf")])}]}, "step": torch.tensor(7)},
+               tmp_path / "list.pth")
+    for name, key in (("nested.pth", "model.head.weight"), ("list.pth", "optimizer.state.0.exp_avg")):
+        with pytest.raises(ValueError, match=re.escape(f"tensor {key} holds NaN or infinite values")) as e:
+            facerwkv.read_checkpoint(tmp_path / name)
+        assert str(tmp_path / name) in str(e.value) and "\n" not in str(e.value)
+    torch.save({"model": {"w": torch.ones(2)}, "steps": torch.tensor([2**62]), "loss": float("nan")}, tmp_path / "ok.pth")
+    assert facerwkv.read_checkpoint(tmp_path / "ok.pth")["steps"].item() == 2**62  # integers and plain floats pass
 
 
 def test_model_weights_object_of_a_vanished_module_loads_as_placeholder(tmp_path):
@@ -1005,7 +1034,7 @@ print("kernel ok")
 def run_kernel(cache):
     """wkv.cu on the CPU in a fresh process (a library already loaded here would be reused by
     dlopen) with the cache at `cache`: (ok, stderr)."""
-    env = dict(os.environ, FACERWKV_CACHE=str(cache))
+    env = dict(os.environ, FACERWKV_CACHE=str(cache), TMPDIR=str(cache.parent))  # the fallback beside it
     out = subprocess.run([sys.executable, "-c", KERNEL_CHECK], capture_output=True, text=True, env=env,
                          cwd=os.path.dirname(os.path.abspath(facerwkv.__file__)))
     return out.returncode == 0 and "kernel ok" in out.stdout, out.stderr
@@ -1034,15 +1063,18 @@ def test_model_cache_planted_library_is_never_loaded(tmp_path):
         shutil.copy(evil, lib)
     ok, err = run_kernel(cache)
     assert ok and not marker.exists() and "corrupt" in err
-    # planted in a directory others may write to, even with a matching digest: never used
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    os.chmod(shared, 0o777)
-    for lib in libraries:
-        shutil.copy(evil, shared / lib.name)
-        (shared / (lib.name + ".sha256")).write_text(facerwkv._sha256(evil))
+    # planted in a directory others may write to, even with a matching digest: never used; so is the
+    # fallback, the temp folder's facerwkv-<uid>, planted too: then a fresh folder, removed at exit
+    shared, fallback = tmp_path / "shared", tmp_path / f"facerwkv-{os.getuid()}"  # run_kernel: TMPDIR=tmp_path
+    for folder in (shared, fallback):
+        folder.mkdir()
+        os.chmod(folder, 0o777)
+        for lib in libraries:
+            shutil.copy(evil, folder / lib.name)
+            (folder / (lib.name + ".sha256")).write_text(facerwkv._sha256(evil))
     ok, err = run_kernel(shared)
-    assert ok and not marker.exists() and "not yours alone" in err
+    assert ok and not marker.exists() and err.count("not yours alone") == 2
+    assert [p.name for p in tmp_path.glob("facerwkv-*")] == [fallback.name]
 
 
 @requires_cxx
@@ -1076,16 +1108,28 @@ def test_model_cache_entry_digest_checked_on_every_use(tmp_path, monkeypatch, ca
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_model_cache_read_only_or_shared_dir_is_bypassed(tmp_path, monkeypatch, capfd, fresh_cpu_build):
+@pytest.fixture
+def temp_folder(tmp_path, monkeypatch):
+    """tempfile.gettempdir() is tmp_path/tmp: where the cache's fallback goes."""
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    return tmp_path / "tmp"
+
+
+def test_model_cache_read_only_or_shared_dir_is_bypassed(tmp_path, monkeypatch, capfd, fresh_cpu_build, temp_folder):
     ro = tmp_path / "ro"
     ro.mkdir(mode=0o500)
     monkeypatch.setenv("FACERWKV_CACHE", str(ro))
     capfd.readouterr()
     private = facerwkv.cache_dir()
     err = capfd.readouterr().err
-    assert private != ro and "read-only" in err and err.count("\n") == 1
+    assert private == temp_folder / f"facerwkv-{os.getuid()}" and "read-only" in err and err.count("\n") == 1
     assert private.stat().st_uid == os.getuid() and private.stat().st_mode & 0o777 == 0o700
     assert facerwkv.cached("x", lambda p: open(p, "wb").close()).parent == private
+    facerwkv._private_cache.cache_clear()  # the next run reuses the folder and what it built
+    assert facerwkv.cache_dir() == private and os.listdir(temp_folder) == [private.name]
+    assert facerwkv.cached("x", lambda p: pytest.fail("rebuilt")).parent == private
     group = tmp_path / "group"
     group.mkdir()
     os.chmod(group, 0o770)
@@ -1094,6 +1138,16 @@ def test_model_cache_read_only_or_shared_dir_is_bypassed(tmp_path, monkeypatch, 
     assert "not yours alone" in capfd.readouterr().err
     os.chmod(group, 0o700)
     assert facerwkv.cache_dir() == group
+
+
+@pytest.mark.parametrize("home", ["", "relative"])
+def test_model_cache_empty_home_is_an_unusable_location(monkeypatch, capfd, fresh_cpu_build, temp_folder, home):
+    """HOME= (as service managers set it) would put the cache at /.cache/facerwkv."""
+    monkeypatch.delenv("FACERWKV_CACHE")
+    monkeypatch.setenv("HOME", home)
+    capfd.readouterr()
+    assert facerwkv.cache_dir() == temp_folder / f"facerwkv-{os.getuid()}"
+    assert f"HOME is {home!r}" in capfd.readouterr().err
 
 
 def test_model_atomic_write_bytes_and_callable(tmp_path):
@@ -1109,6 +1163,24 @@ def test_model_atomic_write_bytes_and_callable(tmp_path):
     with pytest.raises(RuntimeError):
         facerwkv.atomic_write(target, fails)
     assert target.read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+                                   OSError(errno.ENOSPC, "No space left on device")])
+def test_model_atomic_write_failed_write_names_the_file_and_keeps_the_old_one(tmp_path, error):
+    """A full disk: what torch.save raises there (its C++ writer's RuntimeError), or an OSError."""
+    target = tmp_path / "last.pt"
+    torch.save({"step": 1}, target)
+
+    def full_disk(p):
+        open(p, "wb").write(b"PK\x03\x04 half a checkpoint")
+        raise error
+
+    with pytest.raises(OSError) as e:
+        facerwkv.atomic_write(target, full_disk)
+    assert str(target) in str(e.value) and "previous file is untouched" in str(e.value)
+    assert e.value.errno == getattr(error, "errno", None)
+    assert torch.load(target, weights_only=True) == {"step": 1} and os.listdir(tmp_path) == ["last.pt"]
 
 
 # ---- model: the shared transformer block and the RNN runner ---------------------------------------
