@@ -160,17 +160,16 @@ NON_NEGATIVE, PROBABILITY = number(float, 0), number(float, 0, 1)
 SEED = number(int, 0, 2 ** 32 - 1)
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every default (a preset's or the demo's where it sets one) and the examples as written."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help shows every default (help texts name a preset's where the preset sets one) and the
+    examples as written."""
 
     def __init__(self, prog):
         super().__init__(prog, max_help_position=30, width=110)
 
     def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in text or action.nargs == 0:
-            return text
-        return text + " (default: %(default)s)"
+        shown = action.default not in (None, False, argparse.SUPPRESS) and action.nargs != 0
+        return (action.help or "") + " (default: %(default)s)" * shown
 
 
 EXAMPLES = """
@@ -192,13 +191,19 @@ def build_parser():
                epilog="experiments (section 5; each sets defaults that explicit flags override):\n" + "\n".join(
                    f"  {name:<24} {' '.join(f'{k}={v}' for k, v in s.items())}" for name, s in EXPERIMENTS.items())
                + "\n" + EXAMPLES)
-    B, add = argparse.BooleanOptionalAction, None
+    model_flags(p.add_argument_group("model (section 4.2, Table 1)", "unset options come from the --size "
+                                     "preset").add_argument)
+    data_and_recipe_flags(p.add_argument_group("data (section 3)").add_argument,
+                          p.add_argument_group("recipe (section 5.1; --recipe poster: POSTER V2's)").add_argument)
+    run_flags(p.add_argument_group("run").add_argument)
+    p.add_argument_group("distributed (torchrun)", "torchrun --nproc_per_node N train.py ... (NCCL on GPUs, gloo on "
+                         "CPUs): each\nprocess takes batch_size / N images per step; only rank 0 writes files.")
+    tool_flags(p.add_argument_group("tools").add_argument)
+    return p
 
-    def group(title, description=None):
-        nonlocal add
-        add = p.add_argument_group(title, description).add_argument
 
-    group("model (section 4.2, Table 1)", "unset options come from the --size preset")
+def model_flags(add):
+    B = argparse.BooleanOptionalAction
     add("--size", default="small", choices=(*PRESETS, *POSTER_PRESETS),
         help="small 2x128, medium 4x256, large 6x512, hybrid (large on the ResNet50 stem), Vision-RWKV's "
         "vrwkv-t/s/b, or a POSTER preset")
@@ -226,7 +231,9 @@ def build_parser():
         "fit, the classifier's rows matched by class name; not --resume")
     add("--train-only", metavar="PATTERN[,PATTERN]", help="train only the parameters these name (e.g. mixer,head)")
 
-    group("data (section 3)")
+
+def data_and_recipe_flags(add, add_recipe):
+    B = argparse.BooleanOptionalAction
     add("--data", metavar="PATH", help="dataset root or file; unset: built-in synthetic faces (demo)")
     add("--dataset", default="auto", choices=("auto", "caer-s", "folder", "rafdb", "fer2013", "affectnet", "synthetic"),
         help="dataset format; also names the dataset a POSTER V2 checkpoint was trained on (its class order), and "
@@ -241,8 +248,7 @@ def build_parser():
         help="synthetic faces per class")
     add("--workers", type=COUNT, metavar="N", help="data loading processes per training process (default: by the free cores, "
         "0 on a 2-core machine)")
-
-    group("recipe (section 5.1; --recipe poster: POSTER V2's)")
+    add = add_recipe
     add("--recipe", default="paper", choices=("paper", "poster"), help="defaults of this group")
     add("--epochs", type=POSITIVE_INT, default=RECIPE["epochs"], help="epochs (Table 2: 25)")
     add("--batch-size", type=POSITIVE_INT, default=RECIPE["batch_size"], help="global batch")
@@ -262,7 +268,8 @@ def build_parser():
         default=RECIPE["erasing_scale"], metavar=("LO", "HI"), help="erased share of the image")
     add("--balanced-sampler", action=B, default=RECIPE["balanced_sampler"], help="every class equally likely")
 
-    group("run")
+
+def run_flags(add):
     add("--experiment", choices=tuple(EXPERIMENTS), metavar="NAME", help="preset of a paper experiment (list below)")
     add("--seed", type=SEED, default=0, help="seeds init, data split and data order")
     add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda if available")
@@ -277,10 +284,8 @@ def build_parser():
     add("--save-every-steps", type=COUNT, default=0, help="also write last.pt every N steps (0 = per epoch)")
     add("--stop-after-steps", type=COUNT, default=0, help=argparse.SUPPRESS)  # tests: as if killed
 
-    group("distributed (torchrun)", "torchrun --nproc_per_node N train.py ... (NCCL on GPUs, gloo on CPUs): each\n"
-          "process takes batch_size / N images per step; only rank 0 writes files.")
 
-    group("tools")
+def tool_flags(add):
     add("--plot", nargs="+", metavar="RUN_DIR", help="draw loss and accuracy per epoch (training, validation) of "
         "these runs")
     add("--plot-out", default="curves.png", help="picture written by --plot: .png, .jpg or .pdf")
@@ -302,7 +307,6 @@ def build_parser():
     add("--bench-width", type=POSITIVE_INT, default=128, help="model width d")
     add("--bench-batch", type=POSITIVE_INT, metavar="N", help="images per call (1; POSTER 4; wkv-share 8)")
     add("--bench-repeats", type=POSITIVE_INT, default=3, help="timed calls per point, median reported")
-    return p
 
 
 def recipe_defaults(args):
