@@ -1942,8 +1942,9 @@ def test_train_bad_image_in_a_data_worker_is_one_line(tmp_path, capsys):
     for c, color in zip("abc", COLORS):
         for i in range(6):
             write_img(str(root / c / f"{i}.png"), color)
-    good = (root / "a" / "0.png").read_bytes()
-    (root / "a" / "0.png").write_bytes(good[: len(good) // 2])  # the header reads, the pixels do not
+    noise = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(noise, "PNG")
+    (root / "a" / "0.png").write_bytes(noise.getvalue()[: len(noise.getvalue()) * 3 // 4])  # the header reads, the pixels do not
     expect_exit_2(capsys, [*TINY_ARGS, "--data", str(root), "--workers", "1", "--out", str(tmp_path), "--name", "r"],
                   str(root / "a" / "0.png"))
 

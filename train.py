@@ -399,7 +399,8 @@ def parse_args(argv):
         changed = differences(ckpt["args"], {k: getattr(args, k) for k in keys}, "")
         if changed:
             fix = ("a run resumes with its own settings; to change them, start a new run from it with --init-from "
-                   f"{Path(ckpt['path']).with_name('last.pt')}" if args.resume else "drop them")
+                   f"{Path(ckpt['path']).with_name('last.pt')}" if args.resume else "drop the flags: the checkpoint's "
+                   "model is its own")
             raise UsageError(f"{ckpt['path']}: {'; '.join(changed)}: {fix}")
     if ckpt and ckpt.get("restart"):  # a run folder that never wrote a checkpoint: its settings, a fresh start
         args.out, args.name, args.resume, ckpt = str(Path(ckpt["path"]).parent.parent), Path(ckpt["path"]).parent.name, \
@@ -411,8 +412,9 @@ def parse_args(argv):
     args.random_erasing, args.erasing_scale = data.check_erasing(args.random_erasing, args.erasing_scale)
     if args.name is not None and (args.name in ("", ".", "..") or "/" in args.name or os.sep in args.name
                                   or "\0" in args.name or len(os.fsencode(args.name)) > 255):
-        raise UsageError(f"--name {args.name!r}: a run's name is one folder under --out (no '/', '..' or absolute "
-                         "path, at most 255 bytes); choose the parent folder with --out")
+        name = repr(args.name) if len(args.name) < 60 else f"{args.name[:40]!r}... ({len(args.name)} characters)"
+        raise UsageError(f"--name {name}: a run's name is one folder under --out (no '/', '..' or absolute path, "
+                         "at most 255 bytes); choose the parent folder with --out")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out} is a file; give a directory")
     return args, ckpt
