@@ -801,8 +801,14 @@ class Splits:
 
 
 def _file_sources(root, fmt, report, seed, affectnet_classes, crop_face, detected):
-    """Index a dataset of image files -> (classes, {split: ImageSource}, what the test split is).
-    RAF-DB and AffectNet are read from their label files when ROOT has them, else as folder trees."""
+    """Index a dataset on disk -> (classes, {split: ImageSource} for train, test, and val when the
+    format has its own, what the test split is). RAF-DB and AffectNet are read from their label files
+    when ROOT has them, else as folder trees; FER2013 from its csv (ROOT or ROOT/fer2013.csv)."""
+    if fmt == "fer2013":
+        csv_path = os.path.join(root, "fer2013.csv") if os.path.isdir(root) else root
+        if not os.path.isfile(csv_path):
+            raise DataError(f"FER2013 csv not found: {csv_path}")
+        return _index_fer2013(csv_path, report) + (None,)
     if not os.path.isdir(root):
         raise DataError(f"{root} is not a folder (format {fmt})")
     boxes, test_source = None, None
@@ -851,19 +857,12 @@ def load_datasets(root=None, fmt="auto", img_size=DEFAULT_IMG_SIZE, val_fraction
     affectnet_class_names(affectnet_classes)  # 7 or 8, checked before a long scan
     report = IndexingLog(skip_bad_images)
 
-    test_source = None  # sources per split: train, test, and val when the format has its own
     if fmt == "synthetic":
         sizes = _two_positive_ints(synthetic_size or SYNTHETIC_SIZE, "synthetic_size (--synthetic-size TRAIN TEST)")
-        classes = CLASSES
+        classes, test_source = CLASSES, None
         sources = {split: SyntheticSource(split, n, img_size, seed) for split, n in zip(("train", "test"), sizes)}
-    elif fmt == "fer2013":
-        csv_path = os.path.join(root, "fer2013.csv") if os.path.isdir(root) else root
-        if not os.path.isfile(csv_path):
-            raise DataError(f"FER2013 csv not found: {csv_path}")
-        classes, sources = _index_fer2013(csv_path, report)
     else:
-        classes, sources, test_source = _file_sources(root, fmt, report, seed, affectnet_classes, crop_face,
-                                                      detected)
+        classes, sources, test_source = _file_sources(root, fmt, report, seed, affectnet_classes, crop_face, detected)
 
     train_tf = ImageTransform(img_size, hflip=hflip, normalize=normalize, random_erasing=random_erasing,
                               erasing_scale=erasing_scale)
