@@ -19,18 +19,13 @@ For the basic emotions the class order is always CLASSES (CAER-S order), whateve
 uses, so a label means the same emotion for every dataset. Numbered class folders are a dataset's
 own labels: read as RAF-DB's or AffectNet's when that format is given, refused when detected.
 
-Every folder tree is read by one walk (linked folders followed, each real folder once, every file
-not taken counted by why) and every image by one reader (EXIF orientation applied). Validation is
-10 % of train, stratified per class, seeded, moved out of train (not copied), unless the format
-brings its own (FER2013 PublicTest, a tree's val/ beside test/); a tree's val/ without test/ is its
-test split (POSTER V2's RAF-DB), as AffectNet's official validation set is its test set.
-Bad data never crashes with a traceback and is never mislabelled silently: each problem raises
-DataError with a message naming the file/line and the fix, or, with skip_bad_images=True, bad
-images and rows are skipped and counted in the summary.
-
-Images are decoded and resized one by one; a batch is then normalised, flipped and randomly erased
-as a whole (training split only; flips and erasing are off by default), drawing from torch's RNG
-exactly as image-by-image augmentation would, so a resumed run replays the same batches.
+Every folder tree is read by one walk (`walk`) and every image by one reader (`read_image`). Validation
+is 10 % of train, stratified per class, seeded, moved out of train, unless the format brings its own
+(FER2013 PublicTest, a tree's val/ beside test/); a tree's val/ without test/ is its test split
+(POSTER V2's RAF-DB), as AffectNet's official validation set is its test set. Bad data is never
+mislabelled silently: it raises DataError naming the file/line and the fix, or, with
+skip_bad_images=True, is skipped and counted in the summary. Images are resized one by one, then
+augmented a batch at a time (ImageTransform: training split only, off by default).
 """
 
 import collections
@@ -140,13 +135,13 @@ def to_rgb(img):
     return img.convert("RGB")  # a failure is named by the reader (read_image)
 
 
-def _check_img_size(img_size):
-    if isinstance(img_size, int):
-        img_size = (img_size, img_size)
-    if (not isinstance(img_size, (tuple, list)) or len(img_size) != 2
-            or not all(isinstance(s, (int, np.integer)) and s > 0 for s in img_size)):
-        raise DataError(f"img_size must be (H, W) with two positive ints, got {img_size!r}")
-    return int(img_size[0]), int(img_size[1])
+def _two_positive_ints(pair, name="img_size (H, W)"):
+    """An image size (H, W), or a synthetic split size (train, test): one int n is (n, n)."""
+    pair = (pair, pair) if isinstance(pair, int) else pair
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+            or not all(isinstance(n, (int, np.integer)) and n > 0 for n in pair)):
+        raise DataError(f"{name} must be two positive ints, got {pair!r}")
+    return int(pair[0]), int(pair[1])
 
 
 def check_erasing(random_erasing, erasing_scale):
@@ -199,7 +194,7 @@ class ImageTransform:
 
     def __init__(self, img_size=DEFAULT_IMG_SIZE, hflip=False, normalize=False, random_erasing=0.0,
                  erasing_scale=(0.02, 0.33)):
-        self.img_size = _check_img_size(img_size)
+        self.img_size = _two_positive_ints(img_size)
         self.hflip = hflip
         self.random_erasing, self.erasing_scale = check_erasing(random_erasing, erasing_scale)
         # pixel p in 0..255 -> p * scale - shift: p / 255 in [0, 1], or (p / 255 - mean) / std
@@ -806,8 +801,14 @@ class Splits:
 
 
 def _file_sources(root, fmt, report, seed, affectnet_classes, crop_face, detected):
-    """Index a dataset of image files -> (classes, {split: ImageSource}, what the test split is).
-    RAF-DB and AffectNet are read from their label files when ROOT has them, else as folder trees."""
+    """Index a dataset on disk -> (classes, {split: ImageSource} for train, test, and val when the
+    format has its own, what the test split is). RAF-DB and AffectNet are read from their label files
+    when ROOT has them, else as folder trees; FER2013 from its csv (ROOT or ROOT/fer2013.csv)."""
+    if fmt == "fer2013":
+        csv_path = os.path.join(root, "fer2013.csv") if os.path.isdir(root) else root
+        if not os.path.isfile(csv_path):
+            raise DataError(f"FER2013 csv not found: {csv_path}")
+        return _index_fer2013(csv_path, report) + (None,)
     if not os.path.isdir(root):
         raise DataError(f"{root} is not a folder (format {fmt})")
     boxes, test_source = None, None
@@ -840,7 +841,7 @@ def load_datasets(root=None, fmt="auto", img_size=DEFAULT_IMG_SIZE, val_fraction
     SYNTHETIC_SIZE): with synthetic_processes > 1, train and test are drawn up front by that many
     processes and, with synthetic_cache, kept in facerwkv's cache directory for the next run;
     else each split is drawn on its first use, in memory only."""
-    img_size = _check_img_size(img_size)
+    img_size = _two_positive_ints(img_size)
     random_erasing, erasing_scale = check_erasing(random_erasing, erasing_scale)
     if fmt not in ("auto",) + FORMATS:
         raise DataError(f"unknown dataset format {fmt!r}; choose one of auto, {', '.join(FORMATS)}")
@@ -856,21 +857,12 @@ def load_datasets(root=None, fmt="auto", img_size=DEFAULT_IMG_SIZE, val_fraction
     affectnet_class_names(affectnet_classes)  # 7 or 8, checked before a long scan
     report = IndexingLog(skip_bad_images)
 
-    test_source = None  # sources per split: train, test, and val when the format has its own
     if fmt == "synthetic":
-        sizes = tuple(synthetic_size or SYNTHETIC_SIZE)
-        if len(sizes) != 2 or not all(isinstance(n, (int, np.integer)) and n > 0 for n in sizes):
-            raise DataError(f"synthetic_size (--synthetic-size TRAIN TEST) must be two positive ints, got {sizes}")
-        classes = CLASSES
-        sources = {split: SyntheticSource(split, int(n), img_size, seed) for split, n in zip(("train", "test"), sizes)}
-    elif fmt == "fer2013":
-        csv_path = os.path.join(root, "fer2013.csv") if os.path.isdir(root) else root
-        if not os.path.isfile(csv_path):
-            raise DataError(f"FER2013 csv not found: {csv_path}")
-        classes, sources = _index_fer2013(csv_path, report)
+        sizes = _two_positive_ints(synthetic_size or SYNTHETIC_SIZE, "synthetic_size (--synthetic-size TRAIN TEST)")
+        classes, test_source = CLASSES, None
+        sources = {split: SyntheticSource(split, n, img_size, seed) for split, n in zip(("train", "test"), sizes)}
     else:
-        classes, sources, test_source = _file_sources(root, fmt, report, seed, affectnet_classes, crop_face,
-                                                      detected)
+        classes, sources, test_source = _file_sources(root, fmt, report, seed, affectnet_classes, crop_face, detected)
 
     train_tf = ImageTransform(img_size, hflip=hflip, normalize=normalize, random_erasing=random_erasing,
                               erasing_scale=erasing_scale)
@@ -1136,8 +1128,7 @@ def _draw_canvas(seed, split, index, img_size):
     half_h = dh * 0.55 * _uniform(rng, 0.9, 1.1)  # face half-height: centre to chin
     cx = dw * 0.5 + _uniform(rng, -0.12, 0.12) * dw
     cy = dh * 0.5 + _uniform(rng, -0.08, 0.08) * dh
-    skin = tuple(int(c) for c in _SKIN_TONES[rng.integers(0, len(_SKIN_TONES))] * _uniform(rng, 0.9, 1.08))
-    skin = tuple(min(255, c) for c in skin)
+    skin = tuple(min(255, int(c)) for c in _SKIN_TONES[rng.integers(0, len(_SKIN_TONES))] * _uniform(rng, 0.9, 1.08))
     hair = _rand_color(rng, 10, 140)
     draw.ellipse([cx - 1.6 * half_h, cy + 0.85 * half_h, cx + 1.6 * half_h, cy + 2.8 * half_h],
                  fill=_rand_color(rng))  # shoulders
@@ -1186,7 +1177,7 @@ def _draw_faces(job):
 def synthetic_face(seed, split, index, img_size=SYNTHETIC_IMG_SIZE):
     """Draw synthetic face `index` of `split` -> (PIL RGB image of img_size (H, W), label).
     Labels cycle through CLASSES (index % 7), so every prefix of a split is balanced."""
-    pixels = _draw_faces((seed, split, [index], _check_img_size(img_size)))[0]
+    pixels = _draw_faces((seed, split, [index], _two_positive_ints(img_size)))[0]
     return Image.fromarray(pixels), index % len(CLASSES)
 
 
@@ -1206,7 +1197,7 @@ class SyntheticSource:
     pixels (N, H, W, 3); a larger one is drawn image by image as it is read."""
 
     def __init__(self, split, n_per_class, img_size, seed=0):
-        self.split, self.seed, self.img_size = split, seed, _check_img_size(img_size)
+        self.split, self.seed, self.img_size = split, seed, _two_positive_ints(img_size)
         self.labels = [i % len(CLASSES) for i in range(n_per_class * len(CLASSES))]
         self.pixels = None
 
@@ -1253,7 +1244,7 @@ def export_synthetic(out_root, train_per_class=SYNTHETIC_SIZE[0], test_per_class
     for split, n in (("train", train_per_class), ("test", test_per_class)):
         for c in CLASSES:
             os.makedirs(os.path.join(out_root, split, c), exist_ok=True)
-        pixels = _draw_all(seed, split, n * len(CLASSES), _check_img_size(img_size), 1)
+        pixels = _draw_all(seed, split, n * len(CLASSES), _two_positive_ints(img_size), 1)
         for i, face in enumerate(pixels):
             Image.fromarray(face).save(os.path.join(out_root, split, CLASSES[i % len(CLASSES)], f"{i:05d}.png"))
     return out_root
