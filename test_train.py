@@ -1848,8 +1848,9 @@ def test_train_second_ctrl_c_stops_at_once_and_a_run_never_checkpointed_starts_a
     assert e.value.code == 130 and "before the first checkpoint" in err and "--resume" in err, err
     assert not (tmp_path / "r" / "last.pt").exists() and (tmp_path / "r" / "config.json").is_file()
     monkeypatch.undo()
-    result = train.main(["--resume", str(tmp_path / "r")])
-    assert result["steps"] == 3 and json.loads((tmp_path / "r" / "config.json").read_text())["args"]["seed"] == 3
+    result = train.main(["--resume", str(tmp_path / "r"), "--lr", "2e-3"])  # nothing trained yet: flags may change
+    config = json.loads((tmp_path / "r" / "config.json").read_text())["args"]
+    assert result["steps"] == 3 and config["seed"] == 3 and config["lr"] == 2e-3
     run(tmp_path, "x", "--epochs", "1", "--stop-after-steps", "1")  # stopped before its first checkpoint
     assert run(tmp_path, "x", "--epochs", "1")["steps"] == 3      # the same command starts it again
 

@@ -393,7 +393,7 @@ def parse_args(argv):
         parser.set_defaults(**recipe_defaults(first), **experiment)
     args = parser.parse_args(argv)
     check_values(parser, args, ckpt)
-    if ckpt:  # defaults are the checkpoint's: a difference is a flag that would change the model (or the run)
+    if ckpt and not ckpt.get("restart"):  # the checkpoint's defaults: a difference would change its model or run
         keys = [*MODEL_KEYS, *(k for k in CARRIED if k in ckpt["args"] and k not in (*MODEL_KEYS, *RESUME_MAY_CHANGE)
                                and args.resume)]
         changed = differences(ckpt["args"], {k: getattr(args, k) for k in keys}, "")
