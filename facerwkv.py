@@ -290,9 +290,8 @@ class TimeMix(nn.Module):
         """One token as an RNN (section 4.5): x (B, d) -> (out (B, d), new state)."""
         x_prev, *wkv_state = state
         k, v, r = self.project(x, x_prev, *(m.view(-1) for m in (self.time_mix_k, self.time_mix_v, self.time_mix_r)))
-        dt = wkv_state[0].dtype
-        y, wkv_state = wkv_step(torch.exp(self.time_decay).to(dt), self.time_first.to(dt), k.to(dt), v.to(dt),
-                                wkv_state)
+        w, u, k32, v32 = (a.to(wkv_state[0].dtype) for a in (torch.exp(self.time_decay), self.time_first, k, v))
+        y, wkv_state = wkv_step(w, u, k32, v32, wkv_state)
         return self.output(torch.sigmoid(r) * y.to(r.dtype)), (x, *wkv_state)
 
 
@@ -511,12 +510,9 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(self.norm2(x))  # (B, T, C)
 
 
-class IdentityBlock(nn.Module):
+class IdentityBlock(nn.Identity):
     """The "w/o RWKV" ablation (FaceRWKV paper, Table 5, section 5.5): tokens pass untouched, so
     with pool="last" the head sees only the bottom-right patch."""
-
-    def forward(self, x):
-        return x
 
     def init_state(self, batch_size, device, dtype):
         return ()
@@ -636,20 +632,14 @@ class FaceRWKVConfig:
         check(self.mixer != "transformer" or self.n_embd % self.n_head == 0,
               f"the transformer mixer needs n_embd ({self.n_embd}) divisible by n_head ({self.n_head}); "
               f"use n_head in {divisors(self.n_embd)}")
-        (H, W), P = self.img_size, self.patch_size
-        if self.backbone == "none":
-            check(H % P == 0 and W % P == 0,
-                  f"img_size {self.img_size} is not divisible into {P}x{P} patches; use an img_size that is a "
-                  f"multiple of {P}, e.g. {(max(P, round(H / P) * P), max(P, round(W / P) * P))}, or a "
-                  f"patch_size dividing both sides: {divisors(H, W)}")
-        else:
-            h, w = stem_grid(H, W)
-            m = 4 * P  # the stem divides by 4 (rounding up), so multiples of 4P always work
-            check(h % P == 0 and w % P == 0,
-                  f"the ResNet50 stem maps img_size {self.img_size} to a {h}x{w} grid, not divisible into "
-                  f"{P}x{P} patches; use an img_size that is a multiple of {m}, e.g. "
-                  f"{(max(m, round(H / m) * m), max(m, round(W / m) * m))}, or a patch_size dividing "
-                  f"{h} and {w}: {divisors(h, w)}")
+        (H, W), P, stem = self.img_size, self.patch_size, self.backbone != "none"
+        h, w = stem_grid(H, W) if stem else (H, W)
+        m = 4 * P if stem else P  # the stem divides by 4 (rounding up), so multiples of 4P always work
+        check(h % P == 0 and w % P == 0,
+              (f"the ResNet50 stem maps img_size {self.img_size} to a {h}x{w} grid, not" if stem else
+               f"img_size {self.img_size} is not") + f" divisible into {P}x{P} patches; use an img_size that is a "
+              f"multiple of {m}, e.g. {(max(m, round(H / m) * m), max(m, round(W / m) * m))}, or a patch_size "
+              f"dividing {f'{h} and {w}' if stem else 'both sides'}: {divisors(h, w)}")
 
     @property
     def grid(self):
