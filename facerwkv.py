@@ -296,8 +296,7 @@ class TimeMix(nn.Module):
 
 
 class ChannelMix(nn.Module):
-    """RWKV-4 channel-mix (section 4.1, eqs. 16-18): a squared-ReLU MLP on the token-shifted
-    input, gated by sigmoid(r)."""
+    """RWKV-4 channel-mix (section 4.1, eqs. 16-18): a squared-ReLU MLP on the token-shifted input, gated."""
 
     def __init__(self, config, layer_id):
         super().__init__()
@@ -369,12 +368,10 @@ def run_rnn(blocks, x):
 # images, Bi-WKV for WKV and Q-Shift on the patch grid for the token shift. Parameter names are
 # Vision-RWKV's (spatial_*), so its checkpoints' block weights load.
 
-VRWKV_NO_RNN = ("the vrwkv mixer is bidirectional (Bi-WKV, Q-Shift): every patch sees the patches after it, so "
-                "it needs the whole sequence and has no RNN mode; use model(images), or mixer='rwkv' for forward_rnn")
-
-
 def no_rnn(*args):
-    raise ValueError(VRWKV_NO_RNN)
+    raise ValueError("the vrwkv mixer is bidirectional (Bi-WKV, Q-Shift): every patch sees the patches after it, "
+                     "so it needs the whole sequence and has no RNN mode; use model(images), or mixer='rwkv' for "
+                     "forward_rnn")
 
 
 def q_shift(x, grids):
@@ -386,10 +383,9 @@ def q_shift(x, grids):
     check(n == T, f"q_shift: the grids {grids} hold {n} tokens but the sequence has {T}; "
                   f"pass one (rows, cols) per segment of the sequence, in order")
     q1, q2, q3 = C // 4, C // 2, 3 * C // 4
-    shifted, start = [], 0
-    for rows, cols in grids:
-        g = x[:, start:start + rows * cols].reshape(B, rows, cols, C)
-        start += rows * cols
+    shifted = []
+    for (rows, cols), segment in zip(grids, x.split([rows * cols for rows, cols in grids], dim=1)):
+        g = segment.reshape(B, rows, cols, C)
         g = torch.cat([
             F.pad(g[:, :, :-1, :q1], (0, 0, 1, 0)),          # from the left:  x[r, c-1]
             F.pad(g[:, :, 1:, q1:q2], (0, 0, 0, 1)),         # from the right: x[r, c+1]
@@ -536,8 +532,7 @@ class PatchEmbed(nn.Module):
         self.ln = nn.LayerNorm(n_embd)
 
     def forward(self, x, pos=None):
-        B, C, H, W = x.shape
-        P = self.patch_size
+        (B, C, H, W), P = x.shape, self.patch_size
         x = x.reshape(B, C, H // P, P, W // P, P).permute(0, 2, 4, 1, 3, 5)  # (B, H/P, W/P, C, P, P)
         x = self.proj(x.reshape(B, (H // P) * (W // P), C * P * P))          # (B, T, d)
         return self.ln(x if pos is None else x + pos)
@@ -690,8 +685,7 @@ class FaceRWKV(nn.Module):
         self.head = (nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, c.n_classes)) if c.head == "mlp"
                      else nn.Linear(d, c.n_classes))
         if c.freeze_backbone:
-            self.backbone.requires_grad_(False)
-            self.backbone.eval()
+            self.backbone.requires_grad_(False).eval()
 
     def train(self, mode=True):
         # a frozen stem keeps BatchNorm in eval mode: it uses, and never updates, the running stats
@@ -701,8 +695,7 @@ class FaceRWKV(nn.Module):
         return self
 
     def load_backbone_weights(self, path):
-        """Fill the ResNet50 stem from a torchvision resnet50 state-dict file (e.g.
-        resnet50-11ad3fa6.pth); the rest of the ResNet (layer1..4, fc) is recognised and skipped."""
+        """Fill the ResNet50 stem from torchvision's resnet50 weights (resnet50-11ad3fa6.pth); layer1..4, fc skipped."""
         check(self.backbone is not None,
               "this model has no backbone; build it with backbone='resnet50' to load ResNet50 weights")
         load_weights(self.backbone, read_state_dict(path), path, ignore=("layer", "fc."))
@@ -731,11 +724,10 @@ class FaceRWKV(nn.Module):
 
     @torch.no_grad()
     def forward_rnn(self, images):
-        """The same logits as forward, computed as an RNN: one patch token at a time through all
-        layers, a fixed-size state per layer. Inference only."""
+        """The same logits as forward, as an RNN: one patch token at a time through all layers, a
+        fixed-size state per layer (Vision-RWKV's blocks refuse: no_rnn). Inference only."""
         check(self.config.mixer != "transformer", "the transformer mixer attends to all patches at once and has "
                                                   "no RNN mode; use model(images), or mixer='rwkv' for forward_rnn")
-        check(self.config.mixer != "vrwkv", VRWKV_NO_RNN)
         return self.classify(run_rnn(self.blocks, self.embed(images)))
 
     def num_params(self, trainable_only=False):
@@ -786,8 +778,7 @@ def stand_in(name):
 
 
 def first_nonfinite(obj):
-    """The key path ('model.head.weight') of a floating tensor holding NaN or inf in obj, walking
-    dicts, lists and tuples; None if there is none."""
+    """The key path ('model.head.weight') of a floating tensor in obj (dicts, lists, tuples) holding NaN or inf."""
     todo, seen = [("", obj)], set()
     while todo:
         key, obj = todo.pop()
@@ -805,8 +796,7 @@ def _first_line(e):
 
 
 def read_checkpoint(path):
-    """A torch weights file's object (usually a dict), loaded on the CPU without running any code;
-    every floating tensor in it finite."""
+    """A torch weights file's object (usually a dict) on the CPU, loaded running no code, its tensors finite."""
     path = Path(path)
     check(path.is_file(), f"{path}: weights file not found")
     try:
@@ -825,8 +815,7 @@ def read_checkpoint(path):
 
 
 def read_state_dict(path):
-    """A weights file as {str: Tensor}: unwraps {'state_dict': ...} / {'model': ...} and a
-    DataParallel 'module.' prefix."""
+    """A weights file as {str: Tensor}: unwraps {'state_dict': ...} / {'model': ...}, drops DataParallel's 'module.'."""
     sd = read_checkpoint(path)
     for wrapper in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
