@@ -138,8 +138,7 @@ def biwkv(w, u, k, v, backend=None):
 
 
 # The same sums as weights: y_t = sum_i a_{t,i} v_i per channel, a_{t,i} the term of v_i over the
-# denominator (eq. 14; Bi-WKV's for bidirectional); then a mixer's (the classes below: RWKV-4's,
-# Vision-RWKV's, attention's) and the pooled token's, layer by layer: what train.py --explain draws.
+# denominator (eq. 14, or Bi-WKV's); then a mixer's and the pooled token's: what train.py --explain draws.
 
 def wkv_weights(w, u, k, rows=None, bidirectional=False):
     """a[b, j, i, c]: the weight of v_i in y_t, t = rows[j] (default: every token), per channel;
@@ -159,13 +158,11 @@ def wkv_weights(w, u, k, rows=None, bidirectional=False):
 
 
 def mixer_weights(mixer, x, grids=None, rows=None):
-    """The weights of a token mixer (below: RWKV-4's TimeMix, Vision-RWKV's spatial mix, Attention)
-    at its input x (B, T, d) (grids: Vision-RWKV's Q-Shift grids), per value channel: (B, R, T, C)
-    float64, (a * v[:, None]).sum(2) being the mixer's y[:, rows] before its output projection.
-    Attention's are each head's softmax row, shared by the head's C / n_head channels."""
+    """The weights of a token mixer (TimeMix, VRWKVSpatialMix or Attention, below) at its input x
+    (B, T, d) (grids: Q-Shift's), per value channel: (B, R, T, C) float64, (a * v[:, None]).sum(2)
+    its y[:, rows] before the output projection. Attention's: each head's softmax row, per channel."""
     if isinstance(mixer, Attention):
-        B, T, C = x.shape
-        h = mixer.n_head
+        (B, T, C), h = x.shape, mixer.n_head
         q, k, _ = mixer.qkv(x).double().view(B, T, 3, h, C // h).permute(2, 0, 3, 1, 4)  # (B, h, T, C/h)
         q = q if rows is None else q[:, :, rows]
         a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(C // h), dim=-1)            # (B, h, R, T)
@@ -180,10 +177,10 @@ def mixer_weights(mixer, x, grids=None, rows=None):
 
 @torch.no_grad()
 def pooled_weights(model, images, chunk=64):
-    """What the pooled token draws from each token, layer by layer: every mixer's weights (its
-    input caught by a hook) in the row of the last token (model.config.pool "last"), of the cls
-    token ("cls"), or averaged over all rows ("mean"), averaged over channels. model: FaceRWKV or
-    POSTER -> (logits, [(mixer's name, (B, T) float64, each row summing to 1)])."""
+    """What the pooled token draws from each token: each mixer's weights (input caught by a hook) in
+    the row of the last token (config.pool "last"), the cls token ("cls") or all rows' mean ("mean"),
+    over channels. FaceRWKV or POSTER -> (logits, [(mixer's name, (B, T) float64, rows summing to 1)])."""
+
     inputs = {}
     hooks = [m.register_forward_pre_hook(lambda m, args: inputs.__setitem__(m, args))
              for m in model.modules() if isinstance(m, (TimeMix, Attention))]
@@ -197,12 +194,10 @@ def pooled_weights(model, images, chunk=64):
         if m not in inputs:
             continue
         T = inputs[m][0].shape[1]
-        row = {"last": T - 1, "cls": 0}.get(model.config.pool)  # None: pool "mean", every row
-        if row is not None:
-            a = mixer_weights(m, *inputs[m], rows=[row])[:, 0]                          # (B, T, C)
-        else:  # the mean of all rows, `chunk` rows at a time (T x T x C need not fit at once)
-            a = sum(mixer_weights(m, *inputs[m], rows=list(range(s, min(s + chunk, T)))).sum(1)
-                    for s in range(0, T, chunk)) / T
+        rows = {"last": [T - 1], "cls": [0]}.get(model.config.pool, range(T))  # "mean": every row
+        # the mean of the rows' weights (B, T, C), `chunk` rows at a time (T x T x C need not fit at once)
+        a = sum(mixer_weights(m, *inputs[m], rows=list(rows[s:s + chunk])).sum(1)
+                for s in range(0, len(rows), chunk)) / len(rows)
         out.append((name, a.mean(2)))  # (B, T): averaged over channels
     return logits, out
 
@@ -221,10 +216,9 @@ def lerp(x, x_prev, mix):
 
 
 def init_linears_(module, zero):
-    """RWKV-LM's init of the Linear layers: those named in `zero` (key, receptance and output of
-    the time-mix, value and receptance of the channel-mix) start at zero, so every block starts as
-    the identity with equal keys and half-open gates; the rest orthogonal, gain sqrt(out/in) where
-    it widens."""
+    """RWKV-LM's init of the Linear layers: those in `zero` (time-mix key, receptance, output;
+    channel-mix value, receptance) start at zero, so every block starts as the identity with equal
+    keys and half-open gates; the rest orthogonal, gain sqrt(out/in) where it widens."""
     for name, linear in module.named_children():
         if name in zero:
             nn.init.zeros_(linear.weight)
@@ -350,9 +344,8 @@ class Block(nn.Module):
 
 
 def run_rnn(blocks, x):
-    """RNN mode (RWKV-4 paper, section 4.5): the tokens x (B, T, C) one at a time through the
-    blocks (each with init_state(batch, device, dtype) and step(x, state)), carrying a fixed-size
-    state per block. Returns the last block's outputs (B, T, C)."""
+    """RNN mode (RWKV-4 paper, section 4.5): tokens x (B, T, C) one at a time through the blocks
+    (init_state(batch, device, dtype), step(x, state)), a fixed-size state each -> outputs (B, T, C)."""
     states = [block.init_state(x.shape[0], x.device, x.dtype) for block in blocks]
     outputs = []
     for t in range(x.shape[1]):
@@ -507,8 +500,7 @@ class TransformerBlock(nn.Module):
 
 
 class IdentityBlock(nn.Identity):
-    """The "w/o RWKV" ablation (FaceRWKV paper, Table 5, section 5.5): tokens pass untouched, so
-    with pool="last" the head sees only the bottom-right patch."""
+    """The "w/o RWKV" ablation (FaceRWKV paper, Table 5): tokens pass untouched; pool="last" sees one patch."""
 
     def init_state(self, batch_size, device, dtype):
         return ()
@@ -744,9 +736,8 @@ class FaceRWKV(nn.Module):
 
 # -----------------------------------------------------------------------------
 # Weight files: read by torch.load(weights_only=True), torch's own unpickler, which rebuilds tensors
-# and plain data only; numpy's arrays and scalars are let in too. A class the file names from
-# elsewhere (e.g. POSTER V2's main.RecorderMeter) becomes an inert stand-in: never imported, and
-# calling it (what a malicious __reduce__ does) refuses the file.
+# and plain data only (numpy's arrays and scalars too). Any other class the file names (e.g. POSTER
+# V2's main.RecorderMeter) becomes an inert stand-in; calling it (a malicious __reduce__) refuses it.
 
 _MULTIARRAY = (getattr(np, "_core", None) or np.core).multiarray  # numpy 2 renamed numpy.core
 PLAIN_DATA = [np.ndarray, np.dtype, *{type(np.dtype(c)) for c in np.typecodes["All"]},  # numpy.dtypes.Int16DType, ...
@@ -898,8 +889,7 @@ def vrwkv_state_dict(path, img_size=(224, 224)):
 # Files and the cache: one directory, one way to write, one digest check
 
 def _unusable(root):
-    """Why root cannot be a cache (created mode 0700 where missing), or None: it must be ours,
-    writable, and not group or world writable."""
+    """Why root (made mode 0700 if missing) cannot be a cache, or None: ours, writable, by us alone."""
     try:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = root.stat()
@@ -983,17 +973,17 @@ def cached(name, build):
 
 
 # -----------------------------------------------------------------------------
-# Running wkv.cu. wkv() and biwkv() above are the maths; wkv.cu holds the same algorithms as raw
-# CUDA, forward and backward, in float32. On CUDA tensors it is compiled by NVRTC (cupy.RawModule)
-# and launched on torch's stream; on CPU tensors the same unmodified file is compiled by g++ behind
-# _CPU_SHIM (a few lines of fake CUDA) and called through ctypes; where neither can run,
+# Running wkv.cu: the algorithms above as raw CUDA, forward and backward, in float32. On CUDA tensors
+# NVRTC compiles it (cupy.RawModule) to run on torch's stream; on CPU tensors g++ compiles the same
+# file behind _CPU_SHIM (a few lines of fake CUDA), called through ctypes. Where neither can run:
 # wkv_torch / biwkv_torch (same numbers up to rounding, slower).
 
 WKV_CU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wkv.cu")
 WKV_BLOCK = 128  # CUDA threads per block; one thread per (batch, channel) on the GPU
 NVRTC_OPTIONS = ("-std=c++17",)
-with open(WKV_CU) as f:  # floats of scratch per (b, t, c) that the biwkv kernels need
-    BIWKV_WORK = int(re.search(r"#define BIWKV_WORK (\d+)", f.read()).group(1))
+# floats of scratch per (b, t, c) that the biwkv kernels need
+BIWKV_WORK = int(re.search(r"#define BIWKV_WORK (\d+)", Path(WKV_CU).read_text()).group(1))
+
 
 
 def _run_operator(name, function, fallback, w, u, k, v, backend):
@@ -1031,11 +1021,9 @@ def _warn_fallback(problem):  # once per problem
 
 
 # Just enough CUDA for g++: the qualifiers vanish, threadIdx/blockIdx/blockDim/gridDim become
-# thread_local globals, and launch() runs every block of a 1-D grid of one-thread blocks, shared out
-# over n = torch.get_num_threads() OpenMP threads. Where torch runs on libgomp (its Linux builds)
-# these are torch's own threads, already running: a process loads libgomp once, so the kernels and
-# torch's ops share one pool. Each CPU "thread" handles CPU_LANES adjacent channels, what a GPU warp
-# does.
+# thread_local globals, and launch() runs a 1-D grid of one-thread blocks on n = torch.get_num_threads()
+# OpenMP threads: torch's own, already running, where torch runs on libgomp (its Linux builds; a
+# process loads libgomp once). Each CPU "thread" handles CPU_LANES adjacent channels, as a GPU warp.
 CPU_LANES = 64
 _CPU_SHIM = r"""
 #include <math.h>
@@ -1076,11 +1064,11 @@ extern "C" void cpu_biwkv_backward(int B, int T, int C, F w, F u, F k, F v, F y,
     launch(B, C, n, [&] { biwkv_backward(B, T, C, w, u, k, v, y, gy, gw, gu, gk, gv, work); });
 }
 """
-# Compiler flags, fastest first: torch's OpenMP threads and native vector instructions with glibc's
-# vector expf; then the same on one thread (a compiler without OpenMP); then a portable build. No
-# -ffast-math: -ffinite-math-only (inputs are finite; the empty state is -1e38, not -inf) and
-# -fno-trapping-math (no FP exception is unmasked) let g++ turn the max trick's selects into
-# branch-free vector code.
+# Compiler flags, fastest first: OpenMP threads and native vector instructions with glibc's vector
+# expf; the same on one thread (a compiler without OpenMP); a portable build. No -ffast-math:
+# -ffinite-math-only (inputs are finite; the empty state is -1e38, not -inf) and -fno-trapping-math
+# (no FP exception is unmasked) let g++ make the max trick's selects branch-free vector code.
+
 _NATIVE = ["-O3", "-march=native", "-fno-math-errno", "-ffinite-math-only", "-fno-trapping-math",
            "-DWKV_VECTOR_EXP", "-lmvec"]
 _CPU_BUILDS = (["-fopenmp"] + _NATIVE, ["-fopenmp-simd"] + _NATIVE, ["-O3"])
@@ -1134,8 +1122,7 @@ def cuda_module():
 
 
 def cupy_stream(cupy, stream):
-    """torch's CUDA stream as a cupy one, so the kernels queue behind torch's work:
-    Stream.from_external from CuPy 14 on, ExternalStream (deprecated there) before."""
+    """torch's CUDA stream as cupy's, so the kernels queue behind torch's work (from_external: CuPy 14+)."""
     if hasattr(cupy.cuda.Stream, "from_external"):
         return cupy.cuda.Stream.from_external(stream)
     return cupy.cuda.ExternalStream(stream.cuda_stream, stream.device_index)
