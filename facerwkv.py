@@ -93,10 +93,9 @@ def wkv_torch(w, u, k, v):
 
 
 def wkv(w, u, k, v, backend=None):
-    """The WKV operator: w, u (C,), k, v (B, T, C) -> y (B, T, C), differentiable in all four,
-    computed in float32 (y in k's dtype). backend (default: $FACERWKV_WKV): None = wkv.cu (cupy on
-    CUDA tensors, the g++ build on CPU ones), else wkv_torch with a warning saying why; "kernel" =
-    wkv.cu or a RuntimeError saying why not; "torch" = wkv_torch."""
+    """The WKV operator: w, u (C,), k, v (B, T, C) -> y (B, T, C), differentiable in all four, in float32
+    (y in k's dtype). backend (default $FACERWKV_WKV): None = wkv.cu (cupy on CUDA tensors, g++ on CPU
+    ones), else wkv_torch, warning why; "kernel" = wkv.cu or a RuntimeError saying why; "torch" = wkv_torch."""
     return _run_operator("wkv", WKVFunction, wkv_torch, w, u, k, v, backend)
 
 
@@ -132,8 +131,7 @@ def biwkv_torch(w, u, k, v):
 
 
 def biwkv(w, u, k, v, backend=None):
-    """Bi-WKV: w, u (C,), k, v (B, T, C) -> y (B, T, C), differentiable in all four; w and u are
-    used as given. Conventions and backends as wkv()'s (wkv.cu's biwkv_*, or biwkv_torch)."""
+    """Bi-WKV: w, u (C,), k, v (B, T, C) -> y (B, T, C), w and u used as given; otherwise as wkv()."""
     return _run_operator("biwkv", BiWKVFunction, biwkv_torch, w, u, k, v, backend)
 
 
@@ -146,8 +144,7 @@ def wkv_weights(w, u, k, rows=None, bidirectional=False):
     e^{-(|t-i|-1) w + k_i} (i != t). float64; w, u (C,), k (B, T, C) -> (B, len(rows), T, C),
     summing to 1 over i, and (a * v[:, None]).sum(2) is wkv_torch's (biwkv_torch's) y[:, rows]."""
     w, u, k = (x.double() for x in (w, u, k))
-    T = k.shape[1]
-    i = torch.arange(T, device=k.device)                                      # the token weighed
+    i = torch.arange(k.shape[1], device=k.device)                             # the token weighed
     t = i[:, None] if rows is None else torch.as_tensor(rows, device=k.device).view(-1, 1)  # the output's
     gap = (t - i).abs() - 1 if bidirectional else t - 1 - i                  # (R, T): decay steps
     expo = -gap[None, :, :, None] * w + k[:, None]                           # (B, R, T, C)
@@ -357,9 +354,8 @@ def run_rnn(blocks, x):
 
 
 # -----------------------------------------------------------------------------
-# Vision-RWKV block (Duan et al. 2024, section 3.2): RWKV-4's block made bidirectional for
-# images, Bi-WKV for WKV and Q-Shift on the patch grid for the token shift. Parameter names are
-# Vision-RWKV's (spatial_*), so its checkpoints' block weights load.
+# Vision-RWKV block (Duan et al. 2024, section 3.2): RWKV-4's block made bidirectional for images,
+# Bi-WKV for WKV, Q-Shift on the patch grid for the token shift; in Vision-RWKV's names (spatial_*).
 
 def no_rnn(*args):
     raise ValueError("the vrwkv mixer is bidirectional (Bi-WKV, Q-Shift): every patch sees the patches after it, "
@@ -470,8 +466,7 @@ class Attention(nn.Module):
     def __init__(self, dim, n_head):
         super().__init__()
         self.n_head = n_head
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x):
         B, T, C = x.shape
@@ -500,7 +495,7 @@ class TransformerBlock(nn.Module):
 
 
 class IdentityBlock(nn.Identity):
-    """The "w/o RWKV" ablation (FaceRWKV paper, Table 5): tokens pass untouched; pool="last" sees one patch."""
+    """The "w/o RWKV" ablation (FaceRWKV paper, Table 5): tokens pass untouched (pool="last": the last patch alone)."""
 
     def init_state(self, batch_size, device, dtype):
         return ()
@@ -646,8 +641,8 @@ class FaceRWKVConfig:
 
 
 def param_table(model, title, raw=(), extra=()):
-    """Print (and return) trainable / total parameters per child module (Table 4); `raw` names
-    parameters held outside the children, `extra` adds lines at the end."""
+    """Print (and return) trainable / total parameters per child (Table 4), of `raw` ones, then `extra` lines."""
+
     rows = [(name, list(m.parameters())) for name, m in model.named_children()]
     rows += [(name, [getattr(model, name)]) for name in raw] + [("total", list(model.parameters()))]
     lines = [title] + [f"  {name:<14} {sum(p.numel() for p in ps if p.requires_grad):>12,} trainable / "
@@ -850,11 +845,10 @@ VRWKV_OTHERS = {".time_maa": "a VRWKV6 checkpoint (RWKV-6's mixer)", "key_norm":
 
 
 def vrwkv_state_dict(path, img_size=(224, 224)):
-    """A checkpoint of Vision-RWKV's VRWKV-T, S or B (OpenGVLab/Vision-RWKV), read without running
-    any of it -> (its backbone's config at img_size, its state dict in FaceRWKV's names): the patch
-    conv's weight flattened as PatchEmbed's Linear, pos_embed resized bicubically to img_size's grid
-    (as Vision-RWKV does at run time), post-norm where the file has layer scale (S and B; T has
-    neither), the ImageNet head left out. Anything else amiss is a ValueError naming the keys."""
+    """A checkpoint of Vision-RWKV's VRWKV-T, S or B (OpenGVLab/Vision-RWKV), read without running any
+    of it -> (its backbone's config at img_size, its state dict in FaceRWKV's names): the patch conv as
+    PatchEmbed's Linear, pos_embed resized bicubically to img_size's grid (as Vision-RWKV does), post-norm
+    where the file has layer scale (S, B), no ImageNet head. Anything else amiss: a ValueError naming keys."""
     sd = read_state_dict(path)
     other = next((f"{what}: {k}" for mark, what in VRWKV_OTHERS.items() for k in sd if mark in k), None)
     check(other is None, f"{path}: {other}, not the Vision-RWKV block FaceRWKV has; use VRWKV-T, S or B")
@@ -916,8 +910,7 @@ def _private_cache(problem):
 
 
 def cache_dir():
-    """$FACERWKV_CACHE or ~/.cache/facerwkv (mode 0700), if it is ours, writable and not group or
-    world writable; else the private fallback above, with a one-line warning."""
+    """$FACERWKV_CACHE or ~/.cache/facerwkv (mode 0700) where _unusable finds no fault; else _private_cache."""
     home = os.environ.get("HOME", os.path.expanduser("~"))  # where HOME is unset, the password database's
     root = os.environ.get("FACERWKV_CACHE") or os.path.isabs(home) and Path(home) / ".cache" / "facerwkv"
     problem = _unusable(Path(root)) if root else f"HOME is {home!r}, not an absolute path, so there is no ~/.cache"
@@ -1020,10 +1013,9 @@ def _warn_fallback(problem):  # once per problem
     warnings.warn(f"FaceRWKV: {problem}. The WKV operators fall back to plain torch, which is many times slower.")
 
 
-# Just enough CUDA for g++: the qualifiers vanish, threadIdx/blockIdx/blockDim/gridDim become
-# thread_local globals, and launch() runs a 1-D grid of one-thread blocks on n = torch.get_num_threads()
-# OpenMP threads: torch's own, already running, where torch runs on libgomp (its Linux builds; a
-# process loads libgomp once). Each CPU "thread" handles CPU_LANES adjacent channels, as a GPU warp.
+# Just enough CUDA for g++: the qualifiers vanish, threadIdx etc. become thread_local globals, and launch()
+# runs a 1-D grid of one-thread blocks on torch.get_num_threads() OpenMP threads (torch's own pool where
+# torch runs on libgomp, its Linux builds), each doing CPU_LANES adjacent channels, as a GPU warp does.
 CPU_LANES = 64
 _CPU_SHIM = r"""
 #include <math.h>
@@ -1064,10 +1056,10 @@ extern "C" void cpu_biwkv_backward(int B, int T, int C, F w, F u, F k, F v, F y,
     launch(B, C, n, [&] { biwkv_backward(B, T, C, w, u, k, v, y, gy, gw, gu, gk, gv, work); });
 }
 """
-# Compiler flags, fastest first: OpenMP threads and native vector instructions with glibc's vector
-# expf; the same on one thread (a compiler without OpenMP); a portable build. No -ffast-math:
-# -ffinite-math-only (inputs are finite; the empty state is -1e38, not -inf) and -fno-trapping-math
-# (no FP exception is unmasked) let g++ make the max trick's selects branch-free vector code.
+# Compiler flags, fastest first: OpenMP threads and native vector code with glibc's vector expf; the same on
+# one thread (no OpenMP); portable. No -ffast-math: -ffinite-math-only (the empty state is -1e38, not -inf)
+# and -fno-trapping-math (no FP exception is unmasked) make the max trick's selects branch-free vector code.
+
 
 _NATIVE = ["-O3", "-march=native", "-fno-math-errno", "-ffinite-math-only", "-fno-trapping-math",
            "-DWKV_VECTOR_EXP", "-lmvec"]
@@ -1081,8 +1073,7 @@ def cpu_kernels():
 
 @functools.lru_cache(maxsize=None)
 def _cpu_build():
-    """(the ctypes library, None), or (None, why it cannot be built). Built through cached(), so a
-    library is loaded only from the user's own cache and only if its digest matches."""
+    """(the ctypes library, None) or (None, why not). Through cached(): loaded from our cache, digest checked."""
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         return None, f"no C++ compiler ({cxx}) to build wkv.cu for the CPU; install g++ or set CXX"
@@ -1129,8 +1120,7 @@ def cupy_stream(cupy, stream):
 
 
 def _launch(kernel, k, *tensors):
-    """wkv.cu's `kernel` on float32 contiguous tensors, (B, T, C) = k.shape, plus the scratch the
-    biwkv kernels need: through cupy on CUDA tensors, through the g++ build on CPU ones."""
+    """wkv.cu's `kernel` on float32 contiguous tensors (B, T, C = k.shape; + biwkv's scratch): cupy or g++ build."""
     B, T, C = k.shape
     tensors += (k.new_empty(BIWKV_WORK * k.numel()),) if kernel.startswith("biwkv") else ()
     if not k.is_cuda:
