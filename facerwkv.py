@@ -155,9 +155,9 @@ def wkv_weights(w, u, k, rows=None, bidirectional=False):
 
 
 def mixer_weights(mixer, x, grids=None, rows=None):
-    """The weights of a token mixer (TimeMix, VRWKVSpatialMix or Attention, below) at its input x
-    (B, T, d) (grids: Q-Shift's), per value channel: (B, R, T, C) float64, (a * v[:, None]).sum(2)
-    its y[:, rows] before the output projection. Attention's: each head's softmax row, per channel."""
+    """The weights of a token mixer (TimeMix, VRWKVSpatialMix or Attention, below) at its input x (B, T, d)
+    (grids: Q-Shift's), per value channel: (B, R, T, C) float64, (a * v[:, None]).sum(2) its y[:, rows]
+    before the output projection. Attention's: each head's softmax row, for each of its C / n_head channels."""
     if isinstance(mixer, Attention):
         (B, T, C), h = x.shape, mixer.n_head
         q, k, _ = mixer.qkv(x).double().view(B, T, 3, h, C // h).permute(2, 0, 3, 1, 4)  # (B, h, T, C/h)
@@ -177,7 +177,6 @@ def pooled_weights(model, images, chunk=64):
     """What the pooled token draws from each token: each mixer's weights (input caught by a hook) in
     the row of the last token (config.pool "last"), the cls token ("cls") or all rows' mean ("mean"),
     over channels. FaceRWKV or POSTER -> (logits, [(mixer's name, (B, T) float64, rows summing to 1)])."""
-
     inputs = {}
     hooks = [m.register_forward_pre_hook(lambda m, args: inputs.__setitem__(m, args))
              for m in model.modules() if isinstance(m, (TimeMix, Attention))]
@@ -281,8 +280,8 @@ class TimeMix(nn.Module):
         """One token as an RNN (section 4.5): x (B, d) -> (out (B, d), new state)."""
         x_prev, *wkv_state = state
         k, v, r = self.project(x, x_prev, *(m.view(-1) for m in (self.time_mix_k, self.time_mix_v, self.time_mix_r)))
-        w, u, k32, v32 = (a.to(wkv_state[0].dtype) for a in (torch.exp(self.time_decay), self.time_first, k, v))
-        y, wkv_state = wkv_step(w, u, k32, v32, wkv_state)
+        w, u, k, v = (a.to(wkv_state[0].dtype) for a in (torch.exp(self.time_decay), self.time_first, k, v))
+        y, wkv_state = wkv_step(w, u, k, v, wkv_state)  # in the state's dtype, float32 or wider
         return self.output(torch.sigmoid(r) * y.to(r.dtype)), (x, *wkv_state)
 
 
@@ -342,7 +341,7 @@ class Block(nn.Module):
 
 def run_rnn(blocks, x):
     """RNN mode (RWKV-4 paper, section 4.5): tokens x (B, T, C) one at a time through the blocks
-    (init_state(batch, device, dtype), step(x, state)), a fixed-size state each -> outputs (B, T, C)."""
+    (init_state(batch, device, dtype), step(x, state)), a fixed-size state each -> last block's (B, T, C)."""
     states = [block.init_state(x.shape[0], x.device, x.dtype) for block in blocks]
     outputs = []
     for t in range(x.shape[1]):
@@ -641,8 +640,7 @@ class FaceRWKVConfig:
 
 
 def param_table(model, title, raw=(), extra=()):
-    """Print (and return) trainable / total parameters per child (Table 4), of `raw` ones, then `extra` lines."""
-
+    """Print (and return) trainable / total parameters per child (Table 4) and `raw` parameter, `extra` lines last."""
     rows = [(name, list(m.parameters())) for name, m in model.named_children()]
     rows += [(name, [getattr(model, name)]) for name in raw] + [("total", list(model.parameters()))]
     lines = [title] + [f"  {name:<14} {sum(p.numel() for p in ps if p.requires_grad):>12,} trainable / "
@@ -764,7 +762,7 @@ def stand_in(name):
 
 
 def first_nonfinite(obj):
-    """The key path ('model.head.weight') of a floating tensor in obj (dicts, lists, tuples) holding NaN or inf."""
+    """The key path ('model.head.weight') of a floating tensor in obj (dicts, lists, tuples) with NaN/inf, or None."""
     todo, seen = [("", obj)], set()
     while todo:
         key, obj = todo.pop()
@@ -782,7 +780,7 @@ def _first_line(e):
 
 
 def read_checkpoint(path):
-    """A torch weights file's object (usually a dict) on the CPU, loaded running no code, its tensors finite."""
+    """A torch weights file's object (usually a dict), on the CPU, read without running any code; tensors finite."""
     path = Path(path)
     check(path.is_file(), f"{path}: weights file not found")
     try:
@@ -978,7 +976,6 @@ NVRTC_OPTIONS = ("-std=c++17",)
 BIWKV_WORK = int(re.search(r"#define BIWKV_WORK (\d+)", Path(WKV_CU).read_text()).group(1))
 
 
-
 def _run_operator(name, function, fallback, w, u, k, v, backend):
     """wkv() and biwkv(): check the shapes, pick the backend, compute in float32, return k's dtype."""
     check(k.dim() == 3 and v.shape == k.shape and w.shape == (k.shape[2],) and u.shape == w.shape,
@@ -1059,8 +1056,6 @@ extern "C" void cpu_biwkv_backward(int B, int T, int C, F w, F u, F k, F v, F y,
 # Compiler flags, fastest first: OpenMP threads and native vector code with glibc's vector expf; the same on
 # one thread (no OpenMP); portable. No -ffast-math: -ffinite-math-only (the empty state is -1e38, not -inf)
 # and -fno-trapping-math (no FP exception is unmasked) make the max trick's selects branch-free vector code.
-
-
 _NATIVE = ["-O3", "-march=native", "-fno-math-errno", "-ffinite-math-only", "-fno-trapping-math",
            "-DWKV_VECTOR_EXP", "-lmvec"]
 _CPU_BUILDS = (["-fopenmp"] + _NATIVE, ["-fopenmp-simd"] + _NATIVE, ["-O3"])
@@ -1073,7 +1068,7 @@ def cpu_kernels():
 
 @functools.lru_cache(maxsize=None)
 def _cpu_build():
-    """(the ctypes library, None) or (None, why not). Through cached(): loaded from our cache, digest checked."""
+    """(the ctypes library, None) or (None, why not); built through cached(): only our own cache, digest checked."""
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         return None, f"no C++ compiler ({cxx}) to build wkv.cu for the CPU; install g++ or set CXX"
@@ -1120,7 +1115,7 @@ def cupy_stream(cupy, stream):
 
 
 def _launch(kernel, k, *tensors):
-    """wkv.cu's `kernel` on float32 contiguous tensors (B, T, C = k.shape; + biwkv's scratch): cupy or g++ build."""
+    """wkv.cu's `kernel` on float32 contiguous tensors (B, T, C = k.shape; + biwkv's scratch), by cupy or g++."""
     B, T, C = k.shape
     tensors += (k.new_empty(BIWKV_WORK * k.numel()),) if kernel.startswith("biwkv") else ()
     if not k.is_cuda:
