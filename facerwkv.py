@@ -1083,13 +1083,10 @@ def _cpu_build():
         cmd = ["-std=c++17", "-shared", "-fPIC", f"-DWKV_LANES={CPU_LANES}"] + flags
         key = hashlib.sha256("\n".join([shim, Path(WKV_CU).read_text(), cxx, *cmd, cpu]).encode()).hexdigest()[:16]
 
-        def build(out):
-            with tempfile.TemporaryDirectory() as tmp:
-                (Path(tmp) / "wkv_cpu.cpp").write_text(shim)
-                run = subprocess.run([cxx, str(Path(tmp) / "wkv_cpu.cpp"), "-o", out] + cmd,  # -l after the source
-                                     capture_output=True, text=True)
-                if run.returncode != 0:
-                    raise RuntimeError(run.stderr[-1500:])
+        def build(out):  # the shim as C++ on stdin ("-x c++ -"), then cmd: -l after the source
+            run = subprocess.run([cxx, "-x", "c++", "-", "-o", out] + cmd, input=shim, capture_output=True, text=True)
+            if run.returncode != 0:
+                raise RuntimeError(run.stderr[-1500:])
         try:
             lib = ctypes.CDLL(str(cached(f"wkv_cpu_{key}.so", build)))
         except (RuntimeError, OSError) as e:
