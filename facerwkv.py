@@ -53,9 +53,8 @@ def check(ok, message):
 #   y_t = ( sum_{i<t} e^{-(t-1-i) w + k_i} v_i  +  e^{u + k_t} v_t )
 #       / ( sum_{i<t} e^{-(t-1-i) w + k_i}      +  e^{u + k_t}     )
 #
-# w > 0 is the decay rate (the module stores time_decay = log w), u = time_first the bonus of the
-# current token. Below as the paper's RNN form (section 4.5, eqs. 21-25); wkv.cu runs the same
-# algorithm as raw CUDA, on a GPU or compiled for the CPU (the last section).
+# w > 0 is the decay rate (the module stores time_decay = log w), u = time_first the bonus of the current
+# token. Below as the paper's RNN form (section 4.5, eqs. 21-25); wkv.cu runs it as raw CUDA (last section).
 
 def wkv_state_update(w, k, v, state):
     """The state after one more token: the past decays by e^{-w}, the new token (k, v: (B, C))
@@ -104,9 +103,8 @@ def wkv(w, u, k, v, backend=None):
 #   y_t = ( sum_{i != t} e^{-(|t-i|-1) w + k_i} v_i  +  e^{u + k_t} v_t )
 #       / ( sum_{i != t} e^{-(|t-i|-1) w + k_i}      +  e^{u + k_t}     )
 #
-# Every token sees every other, weighted by distance both ways: the past (i < t) is WKV's sum,
-# the future (i > t) the same sum on the reversed sequence. w and u are any real numbers:
-# w < 0 (Vision-RWKV's flexible decay) makes far tokens weigh more.
+# Every token sees every other, weighted by distance both ways: the past (i < t) is WKV's sum, the future
+# (i > t) the same sum reversed. w and u are any reals: w < 0 (Vision-RWKV's flexible decay) favours far tokens.
 
 def biwkv_torch(w, u, k, v):
     """Bi-WKV in plain torch: the WKV state scanned from the left (each token's past) and from the
@@ -393,9 +391,8 @@ def rename_parameters_(module, **renames):
 
 
 class VRWKVSpatialMix(TimeMix):
-    """Vision-RWKV's spatial mix: RWKV-4's time-mix (same init, k, v, r and gating) with Q-Shift
-    and Bi-WKV. Decay and bonus go in divided by the token count T and not through exp: w may be
-    negative, and the per-step decay shrinks as images grow."""
+    """Vision-RWKV's spatial mix: RWKV-4's time-mix (same init, k, v, r, gating) with Q-Shift and Bi-WKV. Decay
+    and bonus go in divided by the token count T, not through exp: w may be negative; the decay shrinks as T grows."""
     init_state = step = no_rnn
 
     def __init__(self, config, layer_id):
@@ -964,10 +961,9 @@ def cached(name, build):
 
 
 # -----------------------------------------------------------------------------
-# Running wkv.cu: the algorithms above as raw CUDA, forward and backward, in float32. On CUDA tensors
-# NVRTC compiles it (cupy.RawModule) to run on torch's stream; on CPU tensors g++ compiles the same
-# file behind _CPU_SHIM (a few lines of fake CUDA), called through ctypes. Where neither can run:
-# wkv_torch / biwkv_torch (same numbers up to rounding, slower).
+# Running wkv.cu: the algorithms above as raw CUDA, forward and backward, in float32. On CUDA tensors NVRTC
+# compiles it (cupy.RawModule) to run on torch's stream; on CPU tensors g++ compiles the same file behind
+# _CPU_SHIM (a few lines of fake CUDA), called through ctypes. Else wkv_torch / biwkv_torch (equal up to rounding).
 
 WKV_CU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wkv.cu")
 WKV_BLOCK = 128  # CUDA threads per block; one thread per (batch, channel) on the GPU
