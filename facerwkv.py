@@ -53,9 +53,8 @@ def check(ok, message):
 #   y_t = ( sum_{i<t} e^{-(t-1-i) w + k_i} v_i  +  e^{u + k_t} v_t )
 #       / ( sum_{i<t} e^{-(t-1-i) w + k_i}      +  e^{u + k_t}     )
 #
-# w > 0 is the decay rate (the module stores time_decay = log w), u = time_first the bonus of the
-# current token. Below as the paper's RNN form (section 4.5, eqs. 21-25); wkv.cu runs the same
-# algorithm as raw CUDA, on a GPU or compiled for the CPU (the last section).
+# w > 0 is the decay rate (the module stores time_decay = log w), u = time_first the bonus of the current
+# token. Below as the paper's RNN form (section 4.5, eqs. 21-25); wkv.cu runs it as raw CUDA (last section).
 
 def wkv_state_update(w, k, v, state):
     """The state after one more token: the past decays by e^{-w}, the new token (k, v: (B, C))
@@ -93,10 +92,9 @@ def wkv_torch(w, u, k, v):
 
 
 def wkv(w, u, k, v, backend=None):
-    """The WKV operator: w, u (C,), k, v (B, T, C) -> y (B, T, C), differentiable in all four,
-    computed in float32 (y in k's dtype). backend (default: $FACERWKV_WKV): None = wkv.cu (cupy on
-    CUDA tensors, the g++ build on CPU ones), else wkv_torch with a warning saying why; "kernel" =
-    wkv.cu or a RuntimeError saying why not; "torch" = wkv_torch."""
+    """The WKV operator: w, u (C,), k, v (B, T, C) -> y (B, T, C), differentiable in all four, in float32
+    (y in k's dtype). backend (default $FACERWKV_WKV): None = wkv.cu (cupy on CUDA tensors, g++ on CPU
+    ones), else wkv_torch, warning why; "kernel" = wkv.cu or a RuntimeError saying why; "torch" = wkv_torch."""
     return _run_operator("wkv", WKVFunction, wkv_torch, w, u, k, v, backend)
 
 
@@ -105,9 +103,8 @@ def wkv(w, u, k, v, backend=None):
 #   y_t = ( sum_{i != t} e^{-(|t-i|-1) w + k_i} v_i  +  e^{u + k_t} v_t )
 #       / ( sum_{i != t} e^{-(|t-i|-1) w + k_i}      +  e^{u + k_t}     )
 #
-# Every token sees every other, weighted by distance both ways: the past (i < t) is WKV's sum,
-# the future (i > t) the same sum on the reversed sequence. w and u are any real numbers:
-# w < 0 (Vision-RWKV's flexible decay) makes far tokens weigh more.
+# Every token sees every other, weighted by distance both ways: the past (i < t) is WKV's sum, the future
+# (i > t) the same sum reversed. w and u are any reals: w < 0 (Vision-RWKV's flexible decay) favours far tokens.
 
 def biwkv_torch(w, u, k, v):
     """Bi-WKV in plain torch: the WKV state scanned from the left (each token's past) and from the
@@ -132,14 +129,12 @@ def biwkv_torch(w, u, k, v):
 
 
 def biwkv(w, u, k, v, backend=None):
-    """Bi-WKV: w, u (C,), k, v (B, T, C) -> y (B, T, C), differentiable in all four; w and u are
-    used as given. Conventions and backends as wkv()'s (wkv.cu's biwkv_*, or biwkv_torch)."""
+    """Bi-WKV: w, u (C,), k, v (B, T, C) -> y (B, T, C), w and u used as given; otherwise as wkv()."""
     return _run_operator("biwkv", BiWKVFunction, biwkv_torch, w, u, k, v, backend)
 
 
 # The same sums as weights: y_t = sum_i a_{t,i} v_i per channel, a_{t,i} the term of v_i over the
-# denominator (eq. 14; Bi-WKV's for bidirectional); then a mixer's (the classes below: RWKV-4's,
-# Vision-RWKV's, attention's) and the pooled token's, layer by layer: what train.py --explain draws.
+# denominator (eq. 14, or Bi-WKV's); then a mixer's and the pooled token's: what train.py --explain draws.
 
 def wkv_weights(w, u, k, rows=None, bidirectional=False):
     """a[b, j, i, c]: the weight of v_i in y_t, t = rows[j] (default: every token), per channel;
@@ -147,8 +142,7 @@ def wkv_weights(w, u, k, rows=None, bidirectional=False):
     e^{-(|t-i|-1) w + k_i} (i != t). float64; w, u (C,), k (B, T, C) -> (B, len(rows), T, C),
     summing to 1 over i, and (a * v[:, None]).sum(2) is wkv_torch's (biwkv_torch's) y[:, rows]."""
     w, u, k = (x.double() for x in (w, u, k))
-    T = k.shape[1]
-    i = torch.arange(T, device=k.device)                                      # the token weighed
+    i = torch.arange(k.shape[1], device=k.device)                             # the token weighed
     t = i[:, None] if rows is None else torch.as_tensor(rows, device=k.device).view(-1, 1)  # the output's
     gap = (t - i).abs() - 1 if bidirectional else t - 1 - i                  # (R, T): decay steps
     expo = -gap[None, :, :, None] * w + k[:, None]                           # (B, R, T, C)
@@ -159,13 +153,11 @@ def wkv_weights(w, u, k, rows=None, bidirectional=False):
 
 
 def mixer_weights(mixer, x, grids=None, rows=None):
-    """The weights of a token mixer (below: RWKV-4's TimeMix, Vision-RWKV's spatial mix, Attention)
-    at its input x (B, T, d) (grids: Vision-RWKV's Q-Shift grids), per value channel: (B, R, T, C)
-    float64, (a * v[:, None]).sum(2) being the mixer's y[:, rows] before its output projection.
-    Attention's are each head's softmax row, shared by the head's C / n_head channels."""
+    """The weights of a token mixer (TimeMix, VRWKVSpatialMix or Attention, below) at its input x (B, T, d)
+    (grids: Q-Shift's), per value channel: (B, R, T, C) float64, (a * v[:, None]).sum(2) its y[:, rows]
+    before the output projection. Attention's: each head's softmax row, for each of its C / n_head channels."""
     if isinstance(mixer, Attention):
-        B, T, C = x.shape
-        h = mixer.n_head
+        (B, T, C), h = x.shape, mixer.n_head
         q, k, _ = mixer.qkv(x).double().view(B, T, 3, h, C // h).permute(2, 0, 3, 1, 4)  # (B, h, T, C/h)
         q = q if rows is None else q[:, :, rows]
         a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(C // h), dim=-1)            # (B, h, R, T)
@@ -180,10 +172,9 @@ def mixer_weights(mixer, x, grids=None, rows=None):
 
 @torch.no_grad()
 def pooled_weights(model, images, chunk=64):
-    """What the pooled token draws from each token, layer by layer: every mixer's weights (its
-    input caught by a hook) in the row of the last token (model.config.pool "last"), of the cls
-    token ("cls"), or averaged over all rows ("mean"), averaged over channels. model: FaceRWKV or
-    POSTER -> (logits, [(mixer's name, (B, T) float64, each row summing to 1)])."""
+    """What the pooled token draws from each token: each mixer's weights (input caught by a hook) in
+    the row of the last token (config.pool "last"), the cls token ("cls") or all rows' mean ("mean"),
+    over channels. FaceRWKV or POSTER -> (logits, [(mixer's name, (B, T) float64, rows summing to 1)])."""
     inputs = {}
     hooks = [m.register_forward_pre_hook(lambda m, args: inputs.__setitem__(m, args))
              for m in model.modules() if isinstance(m, (TimeMix, Attention))]
@@ -197,12 +188,10 @@ def pooled_weights(model, images, chunk=64):
         if m not in inputs:
             continue
         T = inputs[m][0].shape[1]
-        row = {"last": T - 1, "cls": 0}.get(model.config.pool)  # None: pool "mean", every row
-        if row is not None:
-            a = mixer_weights(m, *inputs[m], rows=[row])[:, 0]                          # (B, T, C)
-        else:  # the mean of all rows, `chunk` rows at a time (T x T x C need not fit at once)
-            a = sum(mixer_weights(m, *inputs[m], rows=list(range(s, min(s + chunk, T)))).sum(1)
-                    for s in range(0, T, chunk)) / T
+        rows = {"last": [T - 1], "cls": [0]}.get(model.config.pool, range(T))  # "mean": every row
+        # the mean of the rows' weights (B, T, C), `chunk` rows at a time (T x T x C need not fit at once)
+        a = sum(mixer_weights(m, *inputs[m], rows=list(rows[s:s + chunk])).sum(1)
+                for s in range(0, len(rows), chunk)) / len(rows)
         out.append((name, a.mean(2)))  # (B, T): averaged over channels
     return logits, out
 
@@ -221,10 +210,9 @@ def lerp(x, x_prev, mix):
 
 
 def init_linears_(module, zero):
-    """RWKV-LM's init of the Linear layers: those named in `zero` (key, receptance and output of
-    the time-mix, value and receptance of the channel-mix) start at zero, so every block starts as
-    the identity with equal keys and half-open gates; the rest orthogonal, gain sqrt(out/in) where
-    it widens."""
+    """RWKV-LM's init of the Linear layers: those in `zero` (time-mix key, receptance, output;
+    channel-mix value, receptance) start at zero, so every block starts as the identity with equal
+    keys and half-open gates; the rest orthogonal, gain sqrt(out/in) where it widens."""
     for name, linear in module.named_children():
         if name in zero:
             nn.init.zeros_(linear.weight)
@@ -290,15 +278,13 @@ class TimeMix(nn.Module):
         """One token as an RNN (section 4.5): x (B, d) -> (out (B, d), new state)."""
         x_prev, *wkv_state = state
         k, v, r = self.project(x, x_prev, *(m.view(-1) for m in (self.time_mix_k, self.time_mix_v, self.time_mix_r)))
-        dt = wkv_state[0].dtype
-        y, wkv_state = wkv_step(torch.exp(self.time_decay).to(dt), self.time_first.to(dt), k.to(dt), v.to(dt),
-                                wkv_state)
+        w, u, k, v = (a.to(wkv_state[0].dtype) for a in (torch.exp(self.time_decay), self.time_first, k, v))
+        y, wkv_state = wkv_step(w, u, k, v, wkv_state)  # in the state's dtype, float32 or wider
         return self.output(torch.sigmoid(r) * y.to(r.dtype)), (x, *wkv_state)
 
 
 class ChannelMix(nn.Module):
-    """RWKV-4 channel-mix (section 4.1, eqs. 16-18): a squared-ReLU MLP on the token-shifted
-    input, gated by sigmoid(r)."""
+    """RWKV-4 channel-mix (section 4.1, eqs. 16-18): a squared-ReLU MLP on the token-shifted input, gated."""
 
     def __init__(self, config, layer_id):
         super().__init__()
@@ -352,9 +338,8 @@ class Block(nn.Module):
 
 
 def run_rnn(blocks, x):
-    """RNN mode (RWKV-4 paper, section 4.5): the tokens x (B, T, C) one at a time through the
-    blocks (each with init_state(batch, device, dtype) and step(x, state)), carrying a fixed-size
-    state per block. Returns the last block's outputs (B, T, C)."""
+    """RNN mode (RWKV-4 paper, section 4.5): tokens x (B, T, C) one at a time through the blocks
+    (init_state(batch, device, dtype), step(x, state)), a fixed-size state each -> last block's (B, T, C)."""
     states = [block.init_state(x.shape[0], x.device, x.dtype) for block in blocks]
     outputs = []
     for t in range(x.shape[1]):
@@ -366,16 +351,13 @@ def run_rnn(blocks, x):
 
 
 # -----------------------------------------------------------------------------
-# Vision-RWKV block (Duan et al. 2024, section 3.2): RWKV-4's block made bidirectional for
-# images, Bi-WKV for WKV and Q-Shift on the patch grid for the token shift. Parameter names are
-# Vision-RWKV's (spatial_*), so its checkpoints' block weights load.
-
-VRWKV_NO_RNN = ("the vrwkv mixer is bidirectional (Bi-WKV, Q-Shift): every patch sees the patches after it, so "
-                "it needs the whole sequence and has no RNN mode; use model(images), or mixer='rwkv' for forward_rnn")
-
+# Vision-RWKV block (Duan et al. 2024, section 3.2): RWKV-4's block made bidirectional for images,
+# Bi-WKV for WKV, Q-Shift on the patch grid for the token shift; in Vision-RWKV's names (spatial_*).
 
 def no_rnn(*args):
-    raise ValueError(VRWKV_NO_RNN)
+    raise ValueError("the vrwkv mixer is bidirectional (Bi-WKV, Q-Shift): every patch sees the patches after it, "
+                     "so it needs the whole sequence and has no RNN mode; use model(images), or mixer='rwkv' for "
+                     "forward_rnn")
 
 
 def q_shift(x, grids):
@@ -387,10 +369,9 @@ def q_shift(x, grids):
     check(n == T, f"q_shift: the grids {grids} hold {n} tokens but the sequence has {T}; "
                   f"pass one (rows, cols) per segment of the sequence, in order")
     q1, q2, q3 = C // 4, C // 2, 3 * C // 4
-    shifted, start = [], 0
-    for rows, cols in grids:
-        g = x[:, start:start + rows * cols].reshape(B, rows, cols, C)
-        start += rows * cols
+    shifted = []
+    for (rows, cols), segment in zip(grids, x.split([rows * cols for rows, cols in grids], dim=1)):
+        g = segment.reshape(B, rows, cols, C)
         g = torch.cat([
             F.pad(g[:, :, :-1, :q1], (0, 0, 1, 0)),          # from the left:  x[r, c-1]
             F.pad(g[:, :, 1:, q1:q2], (0, 0, 0, 1)),         # from the right: x[r, c+1]
@@ -410,9 +391,8 @@ def rename_parameters_(module, **renames):
 
 
 class VRWKVSpatialMix(TimeMix):
-    """Vision-RWKV's spatial mix: RWKV-4's time-mix (same init, k, v, r and gating) with Q-Shift
-    and Bi-WKV. Decay and bonus go in divided by the token count T and not through exp: w may be
-    negative, and the per-step decay shrinks as images grow."""
+    """Vision-RWKV's spatial mix: RWKV-4's time-mix (same init, k, v, r, gating) with Q-Shift and Bi-WKV. Decay
+    and bonus go in divided by the token count T, not through exp: w may be negative; the decay shrinks as T grows."""
     init_state = step = no_rnn
 
     def __init__(self, config, layer_id):
@@ -482,8 +462,7 @@ class Attention(nn.Module):
     def __init__(self, dim, n_head):
         super().__init__()
         self.n_head = n_head
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x):
         B, T, C = x.shape
@@ -511,12 +490,8 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(self.norm2(x))  # (B, T, C)
 
 
-class IdentityBlock(nn.Module):
-    """The "w/o RWKV" ablation (FaceRWKV paper, Table 5, section 5.5): tokens pass untouched, so
-    with pool="last" the head sees only the bottom-right patch."""
-
-    def forward(self, x):
-        return x
+class IdentityBlock(nn.Identity):
+    """The "w/o RWKV" ablation (FaceRWKV paper, Table 5): tokens pass untouched (pool="last": the last patch alone)."""
 
     def init_state(self, batch_size, device, dtype):
         return ()
@@ -540,8 +515,7 @@ class PatchEmbed(nn.Module):
         self.ln = nn.LayerNorm(n_embd)
 
     def forward(self, x, pos=None):
-        B, C, H, W = x.shape
-        P = self.patch_size
+        (B, C, H, W), P = x.shape, self.patch_size
         x = x.reshape(B, C, H // P, P, W // P, P).permute(0, 2, 4, 1, 3, 5)  # (B, H/P, W/P, C, P, P)
         x = self.proj(x.reshape(B, (H // P) * (W // P), C * P * P))          # (B, T, d)
         return self.ln(x if pos is None else x + pos)
@@ -636,20 +610,14 @@ class FaceRWKVConfig:
         check(self.mixer != "transformer" or self.n_embd % self.n_head == 0,
               f"the transformer mixer needs n_embd ({self.n_embd}) divisible by n_head ({self.n_head}); "
               f"use n_head in {divisors(self.n_embd)}")
-        (H, W), P = self.img_size, self.patch_size
-        if self.backbone == "none":
-            check(H % P == 0 and W % P == 0,
-                  f"img_size {self.img_size} is not divisible into {P}x{P} patches; use an img_size that is a "
-                  f"multiple of {P}, e.g. {(max(P, round(H / P) * P), max(P, round(W / P) * P))}, or a "
-                  f"patch_size dividing both sides: {divisors(H, W)}")
-        else:
-            h, w = stem_grid(H, W)
-            m = 4 * P  # the stem divides by 4 (rounding up), so multiples of 4P always work
-            check(h % P == 0 and w % P == 0,
-                  f"the ResNet50 stem maps img_size {self.img_size} to a {h}x{w} grid, not divisible into "
-                  f"{P}x{P} patches; use an img_size that is a multiple of {m}, e.g. "
-                  f"{(max(m, round(H / m) * m), max(m, round(W / m) * m))}, or a patch_size dividing "
-                  f"{h} and {w}: {divisors(h, w)}")
+        (H, W), P, stem = self.img_size, self.patch_size, self.backbone != "none"
+        h, w = stem_grid(H, W) if stem else (H, W)
+        m = 4 * P if stem else P  # the stem divides by 4 (rounding up), so multiples of 4P always work
+        check(h % P == 0 and w % P == 0,
+              (f"the ResNet50 stem maps img_size {self.img_size} to a {h}x{w} grid, not" if stem else
+               f"img_size {self.img_size} is not") + f" divisible into {P}x{P} patches; use an img_size that is a "
+              f"multiple of {m}, e.g. {(max(m, round(H / m) * m), max(m, round(W / m) * m))}, or a patch_size "
+              f"dividing {f'{h} and {w}' if stem else 'both sides'}: {divisors(h, w)}")
 
     @property
     def grid(self):
@@ -669,8 +637,7 @@ class FaceRWKVConfig:
 
 
 def param_table(model, title, raw=(), extra=()):
-    """Print (and return) trainable / total parameters per child module (Table 4); `raw` names
-    parameters held outside the children, `extra` adds lines at the end."""
+    """Print (and return) trainable / total parameters per child (Table 4) and `raw` parameter, `extra` lines last."""
     rows = [(name, list(m.parameters())) for name, m in model.named_children()]
     rows += [(name, [getattr(model, name)]) for name in raw] + [("total", list(model.parameters()))]
     lines = [title] + [f"  {name:<14} {sum(p.numel() for p in ps if p.requires_grad):>12,} trainable / "
@@ -700,8 +667,7 @@ class FaceRWKV(nn.Module):
         self.head = (nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, c.n_classes)) if c.head == "mlp"
                      else nn.Linear(d, c.n_classes))
         if c.freeze_backbone:
-            self.backbone.requires_grad_(False)
-            self.backbone.eval()
+            self.backbone.requires_grad_(False).eval()
 
     def train(self, mode=True):
         # a frozen stem keeps BatchNorm in eval mode: it uses, and never updates, the running stats
@@ -711,8 +677,7 @@ class FaceRWKV(nn.Module):
         return self
 
     def load_backbone_weights(self, path):
-        """Fill the ResNet50 stem from a torchvision resnet50 state-dict file (e.g.
-        resnet50-11ad3fa6.pth); the rest of the ResNet (layer1..4, fc) is recognised and skipped."""
+        """Fill the ResNet50 stem from torchvision's resnet50 weights (resnet50-11ad3fa6.pth); layer1..4, fc skipped."""
         check(self.backbone is not None,
               "this model has no backbone; build it with backbone='resnet50' to load ResNet50 weights")
         load_weights(self.backbone, read_state_dict(path), path, ignore=("layer", "fc."))
@@ -741,11 +706,10 @@ class FaceRWKV(nn.Module):
 
     @torch.no_grad()
     def forward_rnn(self, images):
-        """The same logits as forward, computed as an RNN: one patch token at a time through all
-        layers, a fixed-size state per layer. Inference only."""
+        """The same logits as forward, as an RNN: one patch token at a time through all layers, a
+        fixed-size state per layer (Vision-RWKV's blocks refuse: no_rnn). Inference only."""
         check(self.config.mixer != "transformer", "the transformer mixer attends to all patches at once and has "
                                                   "no RNN mode; use model(images), or mixer='rwkv' for forward_rnn")
-        check(self.config.mixer != "vrwkv", VRWKV_NO_RNN)
         return self.classify(run_rnn(self.blocks, self.embed(images)))
 
     def num_params(self, trainable_only=False):
@@ -762,9 +726,8 @@ class FaceRWKV(nn.Module):
 
 # -----------------------------------------------------------------------------
 # Weight files: read by torch.load(weights_only=True), torch's own unpickler, which rebuilds tensors
-# and plain data only; numpy's arrays and scalars are let in too. A class the file names from
-# elsewhere (e.g. POSTER V2's main.RecorderMeter) becomes an inert stand-in: never imported, and
-# calling it (what a malicious __reduce__ does) refuses the file.
+# and plain data only (numpy's arrays and scalars too). Any other class the file names (e.g. POSTER
+# V2's main.RecorderMeter) becomes an inert stand-in; calling it (a malicious __reduce__) refuses it.
 
 _MULTIARRAY = (getattr(np, "_core", None) or np.core).multiarray  # numpy 2 renamed numpy.core
 PLAIN_DATA = [np.ndarray, np.dtype, *{type(np.dtype(c)) for c in np.typecodes["All"]},  # numpy.dtypes.Int16DType, ...
@@ -796,8 +759,7 @@ def stand_in(name):
 
 
 def first_nonfinite(obj):
-    """The key path ('model.head.weight') of a floating tensor holding NaN or inf in obj, walking
-    dicts, lists and tuples; None if there is none."""
+    """The key path ('model.head.weight') of a floating tensor in obj (dicts, lists, tuples) with NaN/inf, or None."""
     todo, seen = [("", obj)], set()
     while todo:
         key, obj = todo.pop()
@@ -815,8 +777,7 @@ def _first_line(e):
 
 
 def read_checkpoint(path):
-    """A torch weights file's object (usually a dict), loaded on the CPU without running any code;
-    every floating tensor in it finite."""
+    """A torch weights file's object (usually a dict), on the CPU, read without running any code; tensors finite."""
     path = Path(path)
     check(path.is_file(), f"{path}: weights file not found")
     try:
@@ -835,8 +796,7 @@ def read_checkpoint(path):
 
 
 def read_state_dict(path):
-    """A weights file as {str: Tensor}: unwraps {'state_dict': ...} / {'model': ...} and a
-    DataParallel 'module.' prefix."""
+    """A weights file as {str: Tensor}: unwraps {'state_dict': ...} / {'model': ...}, drops DataParallel's 'module.'."""
     sd = read_checkpoint(path)
     for wrapper in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
@@ -880,11 +840,10 @@ VRWKV_OTHERS = {".time_maa": "a VRWKV6 checkpoint (RWKV-6's mixer)", "key_norm":
 
 
 def vrwkv_state_dict(path, img_size=(224, 224)):
-    """A checkpoint of Vision-RWKV's VRWKV-T, S or B (OpenGVLab/Vision-RWKV), read without running
-    any of it -> (its backbone's config at img_size, its state dict in FaceRWKV's names): the patch
-    conv's weight flattened as PatchEmbed's Linear, pos_embed resized bicubically to img_size's grid
-    (as Vision-RWKV does at run time), post-norm where the file has layer scale (S and B; T has
-    neither), the ImageNet head left out. Anything else amiss is a ValueError naming the keys."""
+    """A checkpoint of Vision-RWKV's VRWKV-T, S or B (OpenGVLab/Vision-RWKV), read without running any
+    of it -> (its backbone's config at img_size, its state dict in FaceRWKV's names): the patch conv as
+    PatchEmbed's Linear, pos_embed resized bicubically to img_size's grid (as Vision-RWKV does), post-norm
+    where the file has layer scale (S, B), no ImageNet head. Anything else amiss: a ValueError naming keys."""
     sd = read_state_dict(path)
     other = next((f"{what}: {k}" for mark, what in VRWKV_OTHERS.items() for k in sd if mark in k), None)
     check(other is None, f"{path}: {other}, not the Vision-RWKV block FaceRWKV has; use VRWKV-T, S or B")
@@ -919,8 +878,7 @@ def vrwkv_state_dict(path, img_size=(224, 224)):
 # Files and the cache: one directory, one way to write, one digest check
 
 def _unusable(root):
-    """Why root cannot be a cache (created mode 0700 where missing), or None: it must be ours,
-    writable, and not group or world writable."""
+    """Why root (made mode 0700 if missing) cannot be a cache, or None: ours, writable, by us alone."""
     try:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = root.stat()
@@ -947,8 +905,7 @@ def _private_cache(problem):
 
 
 def cache_dir():
-    """$FACERWKV_CACHE or ~/.cache/facerwkv (mode 0700), if it is ours, writable and not group or
-    world writable; else the private fallback above, with a one-line warning."""
+    """$FACERWKV_CACHE or ~/.cache/facerwkv (mode 0700) where _unusable finds no fault; else _private_cache."""
     home = os.environ.get("HOME", os.path.expanduser("~"))  # where HOME is unset, the password database's
     root = os.environ.get("FACERWKV_CACHE") or os.path.isabs(home) and Path(home) / ".cache" / "facerwkv"
     problem = _unusable(Path(root)) if root else f"HOME is {home!r}, not an absolute path, so there is no ~/.cache"
@@ -1004,17 +961,15 @@ def cached(name, build):
 
 
 # -----------------------------------------------------------------------------
-# Running wkv.cu. wkv() and biwkv() above are the maths; wkv.cu holds the same algorithms as raw
-# CUDA, forward and backward, in float32. On CUDA tensors it is compiled by NVRTC (cupy.RawModule)
-# and launched on torch's stream; on CPU tensors the same unmodified file is compiled by g++ behind
-# _CPU_SHIM (a few lines of fake CUDA) and called through ctypes; where neither can run,
-# wkv_torch / biwkv_torch (same numbers up to rounding, slower).
+# Running wkv.cu: the algorithms above as raw CUDA, forward and backward, in float32. On CUDA tensors NVRTC
+# compiles it (cupy.RawModule) to run on torch's stream; on CPU tensors g++ compiles the same file behind
+# _CPU_SHIM (a few lines of fake CUDA), called through ctypes. Else wkv_torch / biwkv_torch (equal up to rounding).
 
 WKV_CU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wkv.cu")
 WKV_BLOCK = 128  # CUDA threads per block; one thread per (batch, channel) on the GPU
 NVRTC_OPTIONS = ("-std=c++17",)
-with open(WKV_CU) as f:  # floats of scratch per (b, t, c) that the biwkv kernels need
-    BIWKV_WORK = int(re.search(r"#define BIWKV_WORK (\d+)", f.read()).group(1))
+# floats of scratch per (b, t, c) that the biwkv kernels need
+BIWKV_WORK = int(re.search(r"#define BIWKV_WORK (\d+)", Path(WKV_CU).read_text()).group(1))
 
 
 def _run_operator(name, function, fallback, w, u, k, v, backend):
@@ -1051,12 +1006,9 @@ def _warn_fallback(problem):  # once per problem
     warnings.warn(f"FaceRWKV: {problem}. The WKV operators fall back to plain torch, which is many times slower.")
 
 
-# Just enough CUDA for g++: the qualifiers vanish, threadIdx/blockIdx/blockDim/gridDim become
-# thread_local globals, and launch() runs every block of a 1-D grid of one-thread blocks, shared out
-# over n = torch.get_num_threads() OpenMP threads. Where torch runs on libgomp (its Linux builds)
-# these are torch's own threads, already running: a process loads libgomp once, so the kernels and
-# torch's ops share one pool. Each CPU "thread" handles CPU_LANES adjacent channels, what a GPU warp
-# does.
+# Just enough CUDA for g++: the qualifiers vanish, threadIdx etc. become thread_local globals, and launch()
+# runs a 1-D grid of one-thread blocks on torch.get_num_threads() OpenMP threads (torch's own pool where
+# torch runs on libgomp, its Linux builds), each doing CPU_LANES adjacent channels, as a GPU warp does.
 CPU_LANES = 64
 _CPU_SHIM = r"""
 #include <math.h>
@@ -1097,11 +1049,9 @@ extern "C" void cpu_biwkv_backward(int B, int T, int C, F w, F u, F k, F v, F y,
     launch(B, C, n, [&] { biwkv_backward(B, T, C, w, u, k, v, y, gy, gw, gu, gk, gv, work); });
 }
 """
-# Compiler flags, fastest first: torch's OpenMP threads and native vector instructions with glibc's
-# vector expf; then the same on one thread (a compiler without OpenMP); then a portable build. No
-# -ffast-math: -ffinite-math-only (inputs are finite; the empty state is -1e38, not -inf) and
-# -fno-trapping-math (no FP exception is unmasked) let g++ turn the max trick's selects into
-# branch-free vector code.
+# Compiler flags, fastest first: OpenMP threads and native vector code with glibc's vector expf; the same on
+# one thread (no OpenMP); portable. No -ffast-math: -ffinite-math-only (the empty state is -1e38, not -inf)
+# and -fno-trapping-math (no FP exception is unmasked) make the max trick's selects branch-free vector code.
 _NATIVE = ["-O3", "-march=native", "-fno-math-errno", "-ffinite-math-only", "-fno-trapping-math",
            "-DWKV_VECTOR_EXP", "-lmvec"]
 _CPU_BUILDS = (["-fopenmp"] + _NATIVE, ["-fopenmp-simd"] + _NATIVE, ["-O3"])
@@ -1114,8 +1064,7 @@ def cpu_kernels():
 
 @functools.lru_cache(maxsize=None)
 def _cpu_build():
-    """(the ctypes library, None), or (None, why it cannot be built). Built through cached(), so a
-    library is loaded only from the user's own cache and only if its digest matches."""
+    """(the ctypes library, None) or (None, why not); built through cached(): only our own cache, digest checked."""
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
         return None, f"no C++ compiler ({cxx}) to build wkv.cu for the CPU; install g++ or set CXX"
@@ -1130,13 +1079,10 @@ def _cpu_build():
         cmd = ["-std=c++17", "-shared", "-fPIC", f"-DWKV_LANES={CPU_LANES}"] + flags
         key = hashlib.sha256("\n".join([shim, Path(WKV_CU).read_text(), cxx, *cmd, cpu]).encode()).hexdigest()[:16]
 
-        def build(out):
-            with tempfile.TemporaryDirectory() as tmp:
-                (Path(tmp) / "wkv_cpu.cpp").write_text(shim)
-                run = subprocess.run([cxx, str(Path(tmp) / "wkv_cpu.cpp"), "-o", out] + cmd,  # -l after the source
-                                     capture_output=True, text=True)
-                if run.returncode != 0:
-                    raise RuntimeError(run.stderr[-1500:])
+        def build(out):  # the shim as C++ on stdin ("-x c++ -"), then cmd: -l after the source
+            run = subprocess.run([cxx, "-x", "c++", "-", "-o", out] + cmd, input=shim, capture_output=True, text=True)
+            if run.returncode != 0:
+                raise RuntimeError(run.stderr[-1500:])
         try:
             lib = ctypes.CDLL(str(cached(f"wkv_cpu_{key}.so", build)))
         except (RuntimeError, OSError) as e:
@@ -1155,16 +1101,14 @@ def cuda_module():
 
 
 def cupy_stream(cupy, stream):
-    """torch's CUDA stream as a cupy one, so the kernels queue behind torch's work:
-    Stream.from_external from CuPy 14 on, ExternalStream (deprecated there) before."""
+    """torch's CUDA stream as cupy's, so the kernels queue behind torch's work (from_external: CuPy 14+)."""
     if hasattr(cupy.cuda.Stream, "from_external"):
         return cupy.cuda.Stream.from_external(stream)
     return cupy.cuda.ExternalStream(stream.cuda_stream, stream.device_index)
 
 
 def _launch(kernel, k, *tensors):
-    """wkv.cu's `kernel` on float32 contiguous tensors, (B, T, C) = k.shape, plus the scratch the
-    biwkv kernels need: through cupy on CUDA tensors, through the g++ build on CPU ones."""
+    """wkv.cu's `kernel` on float32 contiguous tensors (B, T, C = k.shape; + biwkv's scratch), by cupy or g++."""
     B, T, C = k.shape
     tensors += (k.new_empty(BIWKV_WORK * k.numel()),) if kernel.startswith("biwkv") else ()
     if not k.is_cuda:
