@@ -1491,8 +1491,10 @@ def measure(fn, device, repeats):
     memory in MB that its first call adds, as that call allocates everything)."""
     cuda, times = device.type == "cuda", []
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    rss = lambda field: next(int(s.split()[1]) * 1024 for s in open("/proc/self/status")  # noqa: E731
-                             if s.startswith(field + ":"))
+
+    def rss(field):  # bytes, from /proc/self/status
+        return next(int(s.split()[1]) * 1024 for s in Path("/proc/self/status").read_text().splitlines()
+                    if s.startswith(field + ":"))
     if cuda:
         sync()
         torch.cuda.reset_peak_memory_stats()
