@@ -1161,7 +1161,7 @@ def heat(x):
     return tuple(round(a + (x - i) * (b - a)) for a, b in zip(VIRIDIS[i], VIRIDIS[i + 1]))
 
 
-def font(size):
+def default_font(size):
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: one small bitmap font
@@ -1171,19 +1171,20 @@ def font(size):
 def text(img, xy, s, size=16, anchor="la", turned=False):
     """s at xy, anchored as Pillow's two letters say; turned: a quarter anticlockwise, centred on xy
     (a y axis' label)."""
+    font = default_font(size)
     if not turned:
-        return ImageDraw.Draw(img).text(xy, s, fill="black", font=font(size), anchor=anchor)
-    label = Image.new("L", (int(font(size).getlength(s)) + 4, size + 8))
-    ImageDraw.Draw(label).text((label.width / 2, label.height / 2), s, fill=255, font=font(size), anchor="mm")
+        return ImageDraw.Draw(img).text(xy, s, fill="black", font=font, anchor=anchor)
+    label = Image.new("L", (int(font.getlength(s)) + 4, size + 8))
+    ImageDraw.Draw(label).text((label.width / 2, label.height / 2), s, fill=255, font=font, anchor="mm")
     label = label.rotate(90, expand=True)
     img.paste((0, 0, 0), (round(xy[0] - label.width / 2), round(xy[1] - label.height / 2)), label)
 
 
 def wrapped(s, width, size=16):
     """s broken into lines no wider than `width` pixels."""
-    lines = [""]
+    font, lines = default_font(size), [""]
     for word in s.split():
-        if lines[-1] and font(size).getlength(f"{lines[-1]} {word}") > width:
+        if lines[-1] and font.getlength(f"{lines[-1]} {word}") > width:
             lines.append(word)
         else:
             lines[-1] = f"{lines[-1]} {word}".strip()
@@ -1217,7 +1218,8 @@ def heat_cells(img, box, values, vmax, labels, under=None):
     and on a face (there outlined in black), black on light ones."""
     left, top, right, bottom = box
     w, h = (right - left) / len(values[0]), (bottom - top) / len(values)
-    layer, size = Image.new("RGB", (right - left, bottom - top)), 16 if w >= 60 else 13
+    size = 16 if w >= 60 else 13
+    layer, font = Image.new("RGB", (right - left, bottom - top)), default_font(size)
     for r, row in enumerate(values):
         for c, v in enumerate(row):
             ImageDraw.Draw(layer).rectangle((c * w, r * h, (c + 1) * w, (r + 1) * h), outline=(255, 255, 255),
@@ -1226,9 +1228,9 @@ def heat_cells(img, box, values, vmax, labels, under=None):
     for r, row in enumerate(values):
         for c, (v, label) in enumerate(zip(row, labels[r])):
             lines, over = label.split("\n"), under is not None
-            if w >= 38 and max(map(font(size).getlength, lines)) < w - 4 and len(lines) * (size + 3) < h:
+            if w >= 38 and max(map(font.getlength, lines)) < w - 4 and len(lines) * (size + 3) < h:
                 ImageDraw.Draw(img).multiline_text(
-                    (left + (c + 0.5) * w, top + (r + 0.5) * h), label, font=font(size), anchor="mm", align="center",
+                    (left + (c + 0.5) * w, top + (r + 0.5) * h), label, font=font, anchor="mm", align="center",
                     spacing=2, fill="white" if over or (v is not None and v / vmax < 0.6) else "black",
                     stroke_width=2 * over, stroke_fill="black")
 
@@ -1336,7 +1338,7 @@ def plot_runs(run_dirs, out_path):
     used and its test accuracy."""
     out_path = picture_path(out_path, "--plot-out")
     runs = [read_run(d) for d in run_dirs]
-    width = max(1400, 80 + max(int(font(16).getlength(legend)) for _, legend, _ in runs))
+    width = max(1400, 80 + max(int(default_font(16).getlength(legend)) for _, legend, _ in runs))
     img = Image.new("RGB", (width, 590 + 26 * len(runs)), "white")
     epochs = max(r["epoch"] for rows, _, _ in runs for r in rows)
     for p, curve in enumerate(CURVES):
@@ -1357,8 +1359,8 @@ def draw_confusion(metrics, classes, path, ckpt_path):
     100 %, every cell's count and percentage; accuracy and mean per-class accuracy in the title."""
     n, counts, ckpt = len(classes), metrics["confusion"], Path(ckpt_path)
     cell = max(56, min(90, 640 // n))
-    size = 16 if max(map(font(16).getlength, classes)) < cell - 4 else 12
-    left, top = 60 + max(int(font(size).getlength(c)) for c in classes), 110
+    size = 16 if max(map(default_font(16).getlength, classes)) < cell - 4 else 12
+    left, top = 60 + max(int(default_font(size).getlength(c)) for c in classes), 110
     right, bottom = left + n * cell, top + n * cell
     img = Image.new("RGB", (right + 110, bottom + 20), "white")
     shares = [[k / sum(row) if sum(row) else None for k in row] for row in counts]
