@@ -1291,14 +1291,10 @@ def dashed(draw, points, fill, width, dash=9, gap=6):
             draw.line([(xa + f * (xb - xa), ya + f * (yb - ya)), (xa + g * (xb - xa), ya + g * (yb - ya))], fill, width)
 
 
-# the two panels of --plot: (training key, validation key, scale, title, y axis)
-CURVES = [("train_loss", "val_loss", 1, "loss", "cross-entropy loss (nats)"),
-          ("train_acc", "val_acc", 100, "accuracy", "accuracy (%)")]
-
-
 def plot_panel(img, box, runs, epochs, curve):
-    """One panel of --plot in box = (left, top, right, bottom): grid, ticks and the axes' labels,
-    then each run's training (dashed) and validation (solid) curve and its best epoch ringed."""
+    """One panel of --plot in box = (left, top, right, bottom), curve = (training key, validation key,
+    scale, title, y axis): grid, ticks and the axes' labels, then each run's training (dashed) and
+    validation (solid) curve and its best epoch ringed."""
     draw, (left, top, right, bottom), (train_key, val_key, scale, title, unit) = ImageDraw.Draw(img), box, curve
     values = [scale * r[k] for rows, _, _ in runs for r in rows for k in (train_key, val_key) if r.get(k) is not None]
     margin = max(0.05 * (max(values) - min(values)), 0.01 * scale)
@@ -1341,7 +1337,8 @@ def plot_runs(run_dirs, out_path):
     width = max(1400, 80 + max(int(default_font(16).getlength(legend)) for _, legend, _ in runs))
     img = Image.new("RGB", (width, 590 + 26 * len(runs)), "white")
     epochs = max(r["epoch"] for rows, _, _ in runs for r in rows)
-    for p, curve in enumerate(CURVES):
+    for p, curve in enumerate([("train_loss", "val_loss", 1, "loss", "cross-entropy loss (nats)"),
+                               ("train_acc", "val_acc", 100, "accuracy", "accuracy (%)")]):
         plot_panel(img, (110 + 690 * p, 50, 670 + 690 * p, 450), runs, epochs, curve)
     draw = ImageDraw.Draw(img)
     draw.ellipse((25, 510, 45, 530), outline="black", width=2)
