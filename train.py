@@ -1174,13 +1174,12 @@ def default_font(size):
         return ImageFont.load_default()
 
 
-def text(draw, xy, s, size=16, anchor="la", fill="black"):
-    draw.text(xy, s, fill=fill, font=default_font(size), anchor=anchor)
-
-
-def vertical_text(img, xy, s, size=16):
-    """s turned a quarter anticlockwise, centred on xy: a y axis' label."""
+def text(img, xy, s, size=16, anchor="la", turned=False):
+    """s at xy, anchored as Pillow's two letters say; turned: a quarter anticlockwise, centred on xy
+    (a y axis' label)."""
     font = default_font(size)
+    if not turned:
+        return ImageDraw.Draw(img).text(xy, s, fill="black", font=font, anchor=anchor)
     label = Image.new("L", (int(font.getlength(s)) + 4, size + 8))
     ImageDraw.Draw(label).text((label.width / 2, label.height / 2), s, fill=255, font=font, anchor="mm")
     label = label.rotate(90, expand=True)
@@ -1206,26 +1205,6 @@ def nice_ticks(lo, hi, n=6):
     return [round(step * i, 10) for i in range(math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9) + 1)]
 
 
-def axes(img, box, xlim, xticks, yticks, xlabel, ylabel):
-    """A framed plot area box = (left, top, right, bottom): x from xlim, y over the ticks' range,
-    grid lines, tick values, the axes' labels. Returns (x, y) -> pixel."""
-    draw, (left, top, right, bottom) = ImageDraw.Draw(img), box
-    (x0, x1), (y0, y1) = xlim, (yticks[0], yticks[-1])
-
-    def xy(x, y):
-        return left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top)
-    for x in xticks:
-        draw.line([xy(x, y0), xy(x, y1)], fill=(225, 225, 225))
-        text(draw, (xy(x, y0)[0], bottom + 8), f"{x:g}", anchor="mt")
-    for y in yticks:
-        draw.line([xy(x0, y), xy(x1, y)], fill=(225, 225, 225))
-        text(draw, (left - 8, xy(x0, y)[1]), f"{y:g}", anchor="rm")
-    draw.rectangle(box, outline="black", width=2)
-    text(draw, ((left + right) / 2, bottom + 32), xlabel, anchor="mt")
-    vertical_text(img, (left - 60, (top + bottom) / 2), ylabel)
-    return xy
-
-
 def colour_bar(img, box, vmax, label):
     """viridis from 0 (bottom of box) to vmax (top), its values beside it and a label."""
     draw, (left, top, right, bottom) = ImageDraw.Draw(img), box
@@ -1235,33 +1214,41 @@ def colour_bar(img, box, vmax, label):
     for v in (v for v in nice_ticks(0, vmax, 5) if v <= vmax * 1.001):
         y = bottom - v / vmax * (bottom - top)
         draw.line([(right, y), (right + 4, y)], fill="black")
-        text(draw, (right + 8, y), f"{v:g}", size=14, anchor="lm")
-    vertical_text(img, (right + 58, (top + bottom) / 2), label, size=14)
+        text(img, (right + 8, y), f"{v:g}", 14, "lm")
+    text(img, (right + 58, (top + bottom) / 2), label, 14, turned=True)
 
 
 def heat_cells(img, box, values, vmax, labels, under=None):
     """A grid of cells filling box, each coloured heat(value / vmax) (None: grey), blended half and
-    half with the image `under` if given, and labelled where its label fits."""
+    half with the image `under` if given, and labelled where its label fits: white on dark cells
+    and on a face (there outlined in black), black on light ones."""
     left, top, right, bottom = box
-    rows, cols = len(values), len(values[0])
-    w, h = (right - left) / cols, (bottom - top) / rows
+    w, h = (right - left) / len(values[0]), (bottom - top) / len(values)
     size = 16 if w >= 60 else 13
-    layer = Image.new("RGB", (right - left, bottom - top))
-    cells = [(r, c) for r in range(rows) for c in range(cols)]
-    for r, c in cells:
-        v = values[r][c]
-        ImageDraw.Draw(layer).rectangle((c * w, r * h, (c + 1) * w, (r + 1) * h), outline=(255, 255, 255),
-                                        fill=(230, 230, 230) if v is None else heat(v / vmax))
+    layer, font = Image.new("RGB", (right - left, bottom - top)), default_font(size)
+    for r, row in enumerate(values):
+        for c, v in enumerate(row):
+            ImageDraw.Draw(layer).rectangle((c * w, r * h, (c + 1) * w, (r + 1) * h), outline=(255, 255, 255),
+                                            fill=(230, 230, 230) if v is None else heat(v / vmax))
     img.paste(layer if under is None else Image.blend(under, layer, 0.5), (left, top))
-    draw, font = ImageDraw.Draw(img), default_font(size)
-    for r, c in cells:
-        v, label = values[r][c], labels[r][c]
-        if w >= 38 and max(map(font.getlength, label.split("\n"))) < w - 4 and (label.count("\n") + 1) * (size + 3) < h:
-            over = under is not None  # on a face: white letters outlined in black; else by the cell's shade
-            dark = over or (v is not None and v / vmax < 0.6)
-            draw.multiline_text((left + (c + 0.5) * w, top + (r + 0.5) * h), label, font=font, anchor="mm",
-                                align="center", spacing=2, fill="white" if dark else "black",
-                                stroke_width=2 * over, stroke_fill="black")
+    for r, row in enumerate(values):
+        for c, (v, label) in enumerate(zip(row, labels[r])):
+            lines, over = label.split("\n"), under is not None
+            if w >= 38 and max(map(font.getlength, lines)) < w - 4 and len(lines) * (size + 3) < h:
+                ImageDraw.Draw(img).multiline_text(
+                    (left + (c + 0.5) * w, top + (r + 0.5) * h), label, font=font, anchor="mm", align="center",
+                    spacing=2, fill="white" if over or (v is not None and v / vmax < 0.6) else "black",
+                    stroke_width=2 * over, stroke_fill="black")
+
+
+def picture_path(path, flag):
+    """Where a picture goes: an existing folder and a type named by its extension, or a UsageError."""
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".pdf"):
+        raise UsageError(f"{flag} {path}: write a .png (or .jpg, .pdf), not {path.suffix or 'a name without one'}")
+    if not path.parent.is_dir():
+        raise UsageError(f"{flag} {path}: there is no folder {path.parent}; create it or write elsewhere")
+    return path
 
 
 def save_picture(img, path, flag=None):
@@ -1275,14 +1262,30 @@ def save_picture(img, path, flag=None):
         raise UsageError(f"{flag} {path}: {e.strerror or e}") from None
 
 
-def picture_path(path, flag):
-    """Where a picture goes: an existing folder and a type named by its extension, or a UsageError."""
-    path = Path(path)
-    if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".pdf"):
-        raise UsageError(f"{flag} {path}: write a .png (or .jpg, .pdf), not {path.suffix or 'a name without one'}")
-    if not path.parent.is_dir():
-        raise UsageError(f"{flag} {path}: there is no folder {path.parent}; create it or write elsewhere")
-    return path
+def read_run(run_dir):
+    """A run directory -> (its epochs' metrics rows, its legend: name, the data it used, the best
+    validation epoch, the test accuracy if test_metrics.json exists; the best row, None without
+    validation)."""
+    run_dir, metrics = Path(run_dir), Path(run_dir) / "metrics.jsonl"
+    if not metrics.is_file():
+        raise UsageError(f"{run_dir} has no metrics.jsonl; give run directories written by train.py")
+    rows = [r for r in read_metrics(metrics) if isinstance(r.get("epoch"), int) and r.get("train_loss") is not None]
+    if not rows:
+        raise UsageError(f"{metrics} has no finished epoch yet")
+    try:
+        info = json.loads((run_dir / "config.json").read_text())["data"]
+        where = "synthetic faces" if info["root"] is None else f"{Path(info['root']).name} ({info['format']})"
+        counts = "/".join(str(sum(info["counts"][s])) for s in ("train", "val", "test"))
+        used = f"{where} {info['img_size'][0]}x{info['img_size'][1]}, {counts} train/val/test images"
+    except (OSError, ValueError, KeyError, TypeError):
+        used = "data not recorded (no config.json)"
+    try:
+        test = f"test accuracy {100 * json.loads((run_dir / 'test_metrics.json').read_text())['acc']:.1f}%"
+    except (OSError, ValueError, KeyError):
+        test = "no test metrics"
+    best = max((r for r in rows if r.get("val_acc") is not None), key=lambda r: r["val_acc"], default=None)
+    val = f"{100 * best['val_acc']:.1f}% at epoch {best['epoch']}" if best else "- (no validation split)"
+    return rows, f"{run_dir.resolve().name}: {used}; best validation accuracy {val}; {test}", best
 
 
 def dashed(draw, points, fill, width, dash=9, gap=6):
@@ -1294,39 +1297,41 @@ def dashed(draw, points, fill, width, dash=9, gap=6):
             draw.line([(xa + f * (xb - xa), ya + f * (yb - ya)), (xa + g * (xb - xa), ya + g * (yb - ya))], fill, width)
 
 
-def best_row(rows):
-    """The metrics row of the best validation accuracy (the first of equals), None without validation."""
-    return max((r for r in rows if r.get("val_acc") is not None), key=lambda r: r["val_acc"], default=None)
+def plot_panel(img, box, runs, epochs, curve):
+    """One panel of --plot in box = (left, top, right, bottom), curve = (training key, validation key,
+    scale, title, y axis): grid, ticks and the axes' labels, then each run's training (dashed) and
+    validation (solid) curve and its best epoch ringed."""
+    draw, (left, top, right, bottom), (train_key, val_key, scale, title, unit) = ImageDraw.Draw(img), box, curve
+    values = [scale * r[k] for rows, _, _ in runs for r in rows for k in (train_key, val_key) if r.get(k) is not None]
+    margin = max(0.05 * (max(values) - min(values)), 0.01 * scale)
+    hi = max(values) + margin
+    yticks = nice_ticks(max(min(values) - margin, 0), min(hi, 100) if scale == 100 else hi)
+    pad = max(0.5, epochs / 40)  # a one-epoch run sits mid-panel, not on the frame
+    (x0, x1), (y0, y1) = (1 - pad, epochs + pad), (yticks[0], yticks[-1])
 
-
-def read_run(run_dir):
-    """A run directory -> (its epochs' metrics rows, its legend: name, the data it used, the best
-    validation epoch, the test accuracy if test_metrics.json exists)."""
-    run_dir, metrics = Path(run_dir), Path(run_dir) / "metrics.jsonl"
-    if not metrics.is_file():
-        raise UsageError(f"{run_dir} has no metrics.jsonl; give run directories written by train.py")
-    rows = [r for r in read_metrics(metrics) if isinstance(r.get("epoch"), int) and r.get("train_loss") is not None]
-    if not rows:
-        raise UsageError(f"{metrics} has no finished epoch yet")
-    try:
-        info = json.loads((run_dir / "config.json").read_text())["data"]
-        used = ("synthetic faces" if info["root"] is None else f"{Path(info['root']).name} ({info['format']})") + (
-            f" {info['img_size'][0]}x{info['img_size'][1]}, "
-            + "/".join(str(sum(info["counts"][s])) for s in ("train", "val", "test")) + " train/val/test images")
-    except (OSError, ValueError, KeyError, TypeError):
-        used = "data not recorded (no config.json)"
-    try:
-        test = f"test accuracy {100 * json.loads((run_dir / 'test_metrics.json').read_text())['acc']:.1f}%"
-    except (OSError, ValueError, KeyError):
-        test = "no test metrics"
-    best = best_row(rows)
-    best = f"{100 * best['val_acc']:.1f}% at epoch {best['epoch']}" if best else "- (no validation split)"
-    return rows, f"{run_dir.resolve().name}: {used}; best validation accuracy {best}; {test}"
-
-
-# the two panels of --plot: (training key, validation key, scale, title, y axis)
-CURVES = [("train_loss", "val_loss", 1, "loss", "cross-entropy loss (nats)"),
-          ("train_acc", "val_acc", 100, "accuracy", "accuracy (%)")]
+    def xy(x, y):
+        return left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top)
+    for x in (x for x in nice_ticks(0, epochs, 10) if x >= 1 and x == int(x)):
+        draw.line([xy(x, y0), xy(x, y1)], fill=(225, 225, 225))
+        text(img, (xy(x, y0)[0], bottom + 8), f"{x:g}", anchor="mt")
+    for y in yticks:
+        draw.line([xy(x0, y), xy(x1, y)], fill=(225, 225, 225))
+        text(img, (left - 8, xy(x0, y)[1]), f"{y:g}", anchor="rm")
+    draw.rectangle(box, outline="black", width=2)
+    text(img, ((left + right) / 2, top - 22), f"{title}: training (dashed), validation (solid)", 18, "mm")
+    text(img, ((left + right) / 2, bottom + 32), "epoch", anchor="mt")
+    text(img, (left - 60, (top + bottom) / 2), unit, turned=True)
+    for i, (rows, _, best) in enumerate(runs):
+        colour = PALETTE[i % len(PALETTE)]
+        for key, solid in ((train_key, False), (val_key, True)):
+            pts = [xy(r["epoch"], scale * r[key]) for r in rows if r.get(key) is not None]
+            if len(pts) > 1:
+                draw.line(pts, colour, 3, joint="curve") if solid else dashed(draw, pts, colour, 2)
+            for x, y in pts if len(pts) <= 40 else ():  # markers, unless they would crowd
+                draw.ellipse((x - 4, y - 4, x + 4, y + 4), colour if solid else "white", colour, 2)
+        if best and best.get(val_key) is not None:
+            x, y = xy(best["epoch"], scale * best[val_key])
+            draw.ellipse((x - 10, y - 10, x + 10, y + 10), outline=colour, width=2)
 
 
 def plot_runs(run_dirs, out_path):
@@ -1335,39 +1340,18 @@ def plot_runs(run_dirs, out_path):
     used and its test accuracy."""
     out_path = picture_path(out_path, "--plot-out")
     runs = [read_run(d) for d in run_dirs]
-    epochs = max(r["epoch"] for rows, _ in runs for r in rows)
-    pad = max(0.5, epochs / 40)  # a one-epoch run sits mid-panel, not on the frame
-    xticks = [e for e in nice_ticks(0, epochs, 10) if e >= 1 and e == int(e)]
-    width = max(1400, 80 + max(int(default_font(16).getlength(legend)) for _, legend in runs))
+    width = max(1400, 80 + max(int(default_font(16).getlength(legend)) for _, legend, _ in runs))
     img = Image.new("RGB", (width, 590 + 26 * len(runs)), "white")
+    epochs = max(r["epoch"] for rows, _, _ in runs for r in rows)
+    for p, curve in enumerate([("train_loss", "val_loss", 1, "loss", "cross-entropy loss (nats)"),
+                               ("train_acc", "val_acc", 100, "accuracy", "accuracy (%)")]):
+        plot_panel(img, (110 + 690 * p, 50, 670 + 690 * p, 450), runs, epochs, curve)
     draw = ImageDraw.Draw(img)
-    for p, (train_key, val_key, scale, title, unit) in enumerate(CURVES):
-        values = [scale * r[k] for rows, _ in runs for r in rows for k in (train_key, val_key) if r.get(k) is not None]
-        margin = max(0.05 * (max(values) - min(values)), 0.01 * scale)
-        hi = max(values) + margin
-        yticks = nice_ticks(max(min(values) - margin, 0), min(hi, 100) if scale == 100 else hi)
-        box = (110 + 690 * p, 50, 670 + 690 * p, 450)
-        xy = axes(img, box, (1 - pad, epochs + pad), xticks, yticks, "epoch", unit)
-        text(draw, ((box[0] + box[2]) / 2, 28), f"{title}: training (dashed), validation (solid)", 18, "mm")
-        for i, (rows, _) in enumerate(runs):
-            colour, best = PALETTE[i % len(PALETTE)], best_row(rows)
-            for key, solid in ((train_key, False), (val_key, True)):
-                pts = [xy(r["epoch"], scale * r[key]) for r in rows if r.get(key) is not None]
-                if len(pts) > 1:
-                    draw.line(pts, colour, 3, joint="curve") if solid else dashed(draw, pts, colour, 2)
-                for x, y in pts if len(pts) <= 40 else ():  # markers, unless they would crowd
-                    draw.ellipse((x - 4, y - 4, x + 4, y + 4), colour if solid else "white", colour, 2)
-            if best and best.get(val_key) is not None:
-                x, y = xy(best["epoch"], scale * best[val_key])
-                draw.ellipse((x - 10, y - 10, x + 10, y + 10), outline=colour, width=2)
-    draw.line([(60, 520), (100, 520)], "black", 3)
-    dashed(draw, [(220, 520), (260, 520)], "black", 2)
-    draw.ellipse((370, 510, 390, 530), outline="black", width=2)
-    for x, key in ((108, "validation"), (268, "training"), (398, "best validation epoch")):
-        text(draw, (x, 520), key, anchor="lm")
-    for i, (_, legend) in enumerate(runs):
+    draw.ellipse((25, 510, 45, 530), outline="black", width=2)
+    text(img, (60, 520), "best validation epoch", anchor="lm")
+    for i, (_, legend, _) in enumerate(runs):
         draw.line([(20, 550 + 26 * i), (50, 550 + 26 * i)], PALETTE[i % len(PALETTE)], 5)
-        text(draw, (60, 550 + 26 * i), legend, anchor="lm")
+        text(img, (60, 550 + 26 * i), legend, anchor="lm")
     save_picture(img, out_path, "--plot-out")
     print(f"wrote {out_path} ({len(runs)} run{'s' * (len(runs) > 1)})")
     return str(out_path)
@@ -1376,26 +1360,24 @@ def plot_runs(run_dirs, out_path):
 def draw_confusion(metrics, classes, path, ckpt_path):
     """The confusion matrix as a picture beside its csv: rows the true class, each normalised to
     100 %, every cell's count and percentage; accuracy and mean per-class accuracy in the title."""
-    n, counts = len(classes), metrics["confusion"]
+    n, counts, ckpt = len(classes), metrics["confusion"], Path(ckpt_path)
     cell = max(56, min(90, 640 // n))
     size = 16 if max(map(default_font(16).getlength, classes)) < cell - 4 else 12
     left, top = 60 + max(int(default_font(size).getlength(c)) for c in classes), 110
-    img = Image.new("RGB", (left + n * cell + 110, top + n * cell + 20), "white")
-    draw = ImageDraw.Draw(img)
+    right, bottom = left + n * cell, top + n * cell
+    img = Image.new("RGB", (right + 110, bottom + 20), "white")
     shares = [[k / sum(row) if sum(row) else None for k in row] for row in counts]
-    heat_cells(img, (left, top, left + n * cell, top + n * cell), shares, 1.0,
+    heat_cells(img, (left, top, right, bottom), shares, 1.0,
                [[f"{k}\n{100 * s:.1f}%" if s is not None else "-" for k, s in zip(*rs)] for rs in zip(counts, shares)])
     for i, name in enumerate(classes):
-        text(draw, (left - 8, top + (i + 0.5) * cell), name, size=size, anchor="rm")
-        text(draw, (left + (i + 0.5) * cell, top - 6), name, size=size, anchor="md")
-    text(draw, (left + n * cell / 2, top - 30), "predicted class", anchor="md")
-    vertical_text(img, (18, top + n * cell / 2), "true class")
-    ckpt = Path(ckpt_path)
-    text(draw, (img.width / 2, 10), f"{ckpt.parent.name}/{ckpt.name} on {metrics['n']} test images", 18, "mt")
-    text(draw, (img.width / 2, 36), f"accuracy {100 * metrics['acc']:.1f}%, mean per-class accuracy "
+        text(img, (left - 8, top + (i + 0.5) * cell), name, size, "rm")
+        text(img, (left + (i + 0.5) * cell, top - 6), name, size, "md")
+    text(img, ((left + right) / 2, top - 30), "predicted class", anchor="md")
+    text(img, (18, (top + bottom) / 2), "true class", turned=True)
+    text(img, (img.width / 2, 10), f"{ckpt.parent.name}/{ckpt.name} on {metrics['n']} test images", 18, "mt")
+    text(img, (img.width / 2, 36), f"accuracy {100 * metrics['acc']:.1f}%, mean per-class accuracy "
          f"{100 * metrics['mean_class_acc']:.1f}%", 18, "mt")
-    right = left + n * cell + 16
-    colour_bar(img, (right, top, right + 16, top + n * cell), 100, "share of the true class (%)")
+    colour_bar(img, (right + 16, top, right + 32, bottom), 100, "share of the true class (%)")
     save_picture(img, path)
 
 
@@ -1442,19 +1424,19 @@ def draw_explain(face, panels, caption, title):
     right, bottom = 20 + (1 + max(map(len, panels))) * (pw + 16), 40 + len(panels) * (ph + 34)  # the colour bar's
     lines = wrapped(caption, right + 60, 15)
     img = Image.new("RGB", (right + 100, bottom + 30 + 20 * len(lines)), "white")
-    draw, face = ImageDraw.Draw(img), face.resize((pw, ph), Image.BICUBIC)
+    face = face.resize((pw, ph), Image.BICUBIC)
     grey, vmax = face.convert("L").convert("RGB"), max(100 * float(a.max()) for row in panels for _, a in row)
     img.paste(face, (20, 74))
-    text(draw, (20, 14), title, size=18)
-    text(draw, (20, 54), "input, as the model sees it", size=15)
+    text(img, (20, 14), title, 18)
+    text(img, (20, 54), "input, as the model sees it", 15)
     for r, row in enumerate(panels):
         for c, (label, a) in enumerate(row):
             x, y = 20 + (c + 1) * (pw + 16), 74 + r * (ph + 34)
-            text(draw, (x, y - 20), label, size=15)
+            text(img, (x, y - 20), label, 15)
             heat_cells(img, (x, y, x + pw, y + ph), 100 * a, vmax, [[f"{100 * v:.1f}" for v in rr] for rr in a], grey)
     colour_bar(img, (right, 74, right + 16, bottom), vmax, "weight (%)")
     for i, line in enumerate(lines):
-        text(draw, (20, bottom + 20 + 20 * i), line, size=15)
+        text(img, (20, bottom + 20 + 20 * i), line, 15)
     return img
 
 
@@ -1502,18 +1484,6 @@ def bench_grid(tokens):
     return min(pairs, key=lambda rc: abs(rc[1] / rc[0] - 1.5))
 
 
-def median_ms(fn, device, repeats):
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(1e3 * (time.perf_counter() - t0))
-    return sorted(times)[len(times) // 2]
-
-
 def fresh_process(fn, threads, *a):
     """fn(*a) in this fresh process: seeded, on `threads` threads."""
     torch.manual_seed(0)
@@ -1521,10 +1491,35 @@ def fresh_process(fn, threads, *a):
     return fn(*a)
 
 
+def measure(fn, device, repeats):
+    """(median milliseconds of fn() over `repeats` calls, a GPU's queued work included; the peak
+    memory in MB that its first call adds, as that call allocates everything)."""
+    cuda, times = device.type == "cuda", []
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def rss(field):  # bytes, from /proc/self/status
+        return next(int(s.split()[1]) * 1024 for s in Path("/proc/self/status").read_text().splitlines()
+                    if s.startswith(field + ":"))
+    if cuda:
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+    before = torch.cuda.memory_allocated() if cuda else rss("VmRSS")
+    fn()
+    peak = (torch.cuda.max_memory_allocated() if cuda else rss("VmHWM")) - before
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return sorted(times)[len(times) // 2], peak / 2**20
+
+
 def bench_point(method, tokens, mode, width, batch, device, repeats):
     """Median milliseconds and peak extra memory (MB) of one call; run in its own process."""
-    device, rows, cols = torch.device(device), *bench_grid(tokens)
-    mixer = method.split("-")[0]
+    device, (rows, cols), mixer = torch.device(device), bench_grid(tokens), method.split("-")[0]
     if method.endswith("block"):
         cfg = FaceRWKVConfig(n_layer=1, n_embd=width, img_size=(20, 20), mixer=mixer)
         module = call = {"rwkv": lambda: Block(cfg, 0), "vrwkv": lambda: VRWKVBlock(cfg, 0, grids=[(rows, cols)]),
@@ -1544,21 +1539,8 @@ def bench_point(method, tokens, mode, width, batch, device, repeats):
         else:
             call(x).float().square().mean().backward()
             module.zero_grad(set_to_none=True)
-
-    def rss(field):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set
-        before = rss("VmRSS")
-    run()  # the first call allocates everything: its peak is the memory cost
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else rss("VmHWM")) - before
-    return dict(method=method, tokens=tokens, mode=mode, ms=median_ms(run, device, repeats), peak_mb=peak / 2**20)
+    ms, peak_mb = measure(run, device, repeats)
+    return dict(method=method, tokens=tokens, mode=mode, ms=ms, peak_mb=peak_mb)
 
 
 def poster_point(preset, batch, device, repeats):
@@ -1571,8 +1553,7 @@ def poster_point(preset, batch, device, repeats):
     ms = []
     for fn in (lambda: model(images).square().mean().backward(),
                lambda: model.mixer(tokens.clone().requires_grad_()).square().mean().backward()):
-        fn()  # warm-up
-        ms.append(median_ms(fn, device, repeats))
+        ms.append(measure(fn, device, repeats)[0])  # its first call is the warm-up
         model.zero_grad(set_to_none=True)
     return dict(preset=preset, img_size=model.config.img_size, batch=batch, ms=ms[0], mixer_ms=ms[1],
                 mixer_share=ms[1] / ms[0])
@@ -1597,38 +1578,34 @@ def wkv_share(batch):
 def run_benchmark(args):
     """--benchmark: every method x tokens as CSV; POSTER's mixer share; the WKV op's share of a step."""
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    threads, repeats, methods = args.threads, args.bench_repeats, args.bench_methods
+    threads, repeats, methods, batch = args.threads, args.bench_repeats, args.bench_methods, args.bench_batch
 
     def fresh(fn, *a):  # a fresh interpreter per point
         with multiprocessing.get_context("spawn").Pool(1) as pool:
             return pool.apply(fresh_process, (fn, threads, *a))
+    print(f"benchmark on {device} ({threads} threads), width {args.bench_width}, batch {batch or 1}")
     rows = []
-    print(f"benchmark on {device} ({threads} threads), width {args.bench_width}, batch {args.bench_batch or 1}")
     for tokens in args.bench_tokens:
         for method in [m for m in BENCH_METHODS if m in methods]:
             for mode in ("forward",) if method == "rwkv-rnn" else ("forward", "train"):  # RNN mode: inference
-                r = fresh(bench_point, method, tokens, mode, args.bench_width, args.bench_batch or 1, device, repeats)
-                rows.append(r)
-                print(f"  {method:<18} {tokens:>6} tokens {mode:<8} {r['ms']:>10.1f} ms {r['peak_mb']:>9.1f} MB",
-                      flush=True)
-    kind = lambda r: ("model" if r["method"] == "rwkv-rnn" else r["method"].split("-")[1],  # noqa: E731
-                      r["tokens"], r["mode"])
-    base = {kind(r): r for r in rows if r["method"].startswith("transformer")}
+                rows.append(fresh(bench_point, method, tokens, mode, args.bench_width, batch or 1, device, repeats))
+                print(f"  {method:<18} {tokens:>6} tokens {mode:<8} {rows[-1]['ms']:>10.1f} ms "
+                      f"{rows[-1]['peak_mb']:>9.1f} MB", flush=True)
     for r in rows:  # how many times faster / smaller than the transformer at the same tokens and mode
-        t = base.get(kind(r))
+        same = ("transformer-block" if r["method"].endswith("block") else "transformer-model", r["tokens"], r["mode"])
+        t = next((t for t in rows if (t["method"], t["tokens"], t["mode"]) == same), None)
         r["time_ratio"] = t["ms"] / r["ms"] if t else float("nan")
         r["memory_ratio"] = t["peak_mb"] / r["peak_mb"] if t and r["peak_mb"] > 0 else float("nan")
     if rows:
         write_csv(args.benchmark, [list(rows[0]), *(r.values() for r in rows)])
         print(f"wrote {args.benchmark}")
-    poster_rows = [fresh(poster_point, p, args.bench_batch or 4, device, repeats)
-                   for p in POSTER_PRESETS if p in methods]
+    poster_rows = [fresh(poster_point, p, batch or 4, device, repeats) for p in POSTER_PRESETS if p in methods]
     for r in poster_rows:
         print(f"{r['preset']} at {r['img_size']}, forward + backward of {r['batch']}: {r['ms']:.0f} ms, token mixer "
               f"{r['mixer_ms']:.1f} ms ({100 * r['mixer_share']:.1f} %)")
     if device == "cpu" and "wkv-share" in methods:
-        step_ms, wkv_ms = fresh(wkv_share, args.bench_batch or 8)
-        print(f"small model, 600 tokens, batch {args.bench_batch or 8}: train step {step_ms:.0f} ms, of which WKV "
+        step_ms, wkv_ms = fresh(wkv_share, batch or 8)
+        print(f"small model, 600 tokens, batch {batch or 8}: train step {step_ms:.0f} ms, of which WKV "
               f"{wkv_ms:.1f} ms = {100 * wkv_ms / step_ms:.1f} %")
     return {"benchmark": rows, "poster": poster_rows}
 
