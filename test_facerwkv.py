@@ -36,6 +36,7 @@ The data and train.py have their own file, test_train.py.
 """
 
 import errno
+import functools
 import importlib
 import json
 import math
@@ -1050,21 +1051,22 @@ def evil_library(tmp_path, marker):
 
 
 @requires_cxx
-def test_model_cache_planted_library_is_never_loaded(tmp_path):
-    cache = tmp_path / "cache"
-    ok, _ = run_kernel(cache)
-    assert ok
+def test_model_cache_damaged_or_planted_library_is_rebuilt_never_loaded(tmp_path):
+    """The real wkv.cu library, in fresh processes: built into a 0700 cache with a digest; replaced by
+    an attacker's library under its own name, it is reported in one line and rebuilt, never loaded;
+    planted in a folder others may write to (and in the fallback, the temp folder's facerwkv-<uid>),
+    even with a matching digest, never used: a fresh folder is, removed at exit."""
+    cache, marker = tmp_path / "cache", tmp_path / "pwned"
+    assert run_kernel(cache)[0]
     libraries = sorted(cache.glob("wkv_cpu_*.so"))
     assert libraries and all((cache / (p.name + ".sha256")).exists() for p in libraries)
     assert cache.stat().st_mode & 0o777 == 0o700
-    marker = tmp_path / "pwned"
-    evil = evil_library(tmp_path, marker)
-    for lib in libraries:  # an attacker's library under the cache's own names
+    good, evil = libraries[0].read_bytes(), evil_library(tmp_path, marker)
+    for lib in libraries:
         shutil.copy(evil, lib)
-    ok, err = run_kernel(cache)
-    assert ok and not marker.exists() and "corrupt" in err
-    # planted in a directory others may write to, even with a matching digest: never used; so is the
-    # fallback, the temp folder's facerwkv-<uid>, planted too: then a fresh folder, removed at exit
+    ok, err = run_kernel(cache)  # loading it would run its constructor
+    assert ok and not marker.exists() and err.count("\n") == len(libraries) and "corrupt" in err
+    assert libraries[0].name in err and libraries[0].read_bytes() == good
     shared, fallback = tmp_path / "shared", tmp_path / f"facerwkv-{os.getuid()}"  # run_kernel: TMPDIR=tmp_path
     for folder in (shared, fallback):
         folder.mkdir()
@@ -1077,34 +1079,25 @@ def test_model_cache_planted_library_is_never_loaded(tmp_path):
     assert [p.name for p in tmp_path.glob("facerwkv-*")] == [fallback.name]
 
 
-@requires_cxx
-@pytest.mark.parametrize("damage", ["truncate", "zero"])
-def test_model_cache_damaged_library_is_rebuilt(tmp_path, damage):
-    assert run_kernel(tmp_path)[0]
-    lib = sorted(tmp_path.glob("wkv_cpu_*.so"))[0]
-    good = lib.read_bytes()
-    lib.write_bytes(good[: len(good) // 3] if damage == "truncate" else bytes(len(good)))
-    ok, err = run_kernel(tmp_path)  # loading the damaged file would SIGBUS or fail
-    assert ok and err.count("\n") == 1 and "corrupt" in err and lib.name in err
-    assert lib.read_bytes() == good
-
-
-def test_model_cache_entry_digest_checked_on_every_use(tmp_path, monkeypatch, capfd, fresh_cpu_build):
+@pytest.mark.parametrize("damage", [lambda b: b[:-1] + b"x", lambda b: b[: len(b) // 3], lambda b: bytes(len(b)), lambda b: b""],
+                         ids=["one-byte", "truncated", "zeroed", "emptied"])
+def test_model_cache_entry_digest_checked_on_every_use(tmp_path, monkeypatch, capfd, fresh_cpu_build, damage):
     monkeypatch.setenv("FACERWKV_CACHE", str(tmp_path / "c"))
     builds = []
 
     def build(path):
         builds.append(path)
         with open(path, "wb") as f:
-            f.write(b"entry")
+            f.write(b"entry of twelve bytes")
 
     path = facerwkv.cached("thing.bin", build)
-    assert path.read_bytes() == b"entry" and len(builds) == 1
+    assert path.read_bytes() == b"entry of twelve bytes" and len(builds) == 1
     assert facerwkv.cached("thing.bin", build) == path and len(builds) == 1
-    path.write_bytes(b"entrx")  # same size, one byte changed
+    path.write_bytes(damage(path.read_bytes()))  # same size with one byte changed, cut, zeroed, empty
     capfd.readouterr()
-    assert facerwkv.cached("thing.bin", build).read_bytes() == b"entry" and len(builds) == 2
-    assert "corrupt" in capfd.readouterr().err
+    assert facerwkv.cached("thing.bin", build).read_bytes() == b"entry of twelve bytes" and len(builds) == 2
+    err = capfd.readouterr().err
+    assert "corrupt" in err and err.count("\n") == 1 and "thing.bin" in err
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -1664,48 +1657,17 @@ def small(**overrides):
 
 @pytest.fixture(scope="module")
 def poster_v2():
-    torch.manual_seed(0)
-    return PosterRWKV(PosterConfig.preset("poster-v2")).eval()
+    """POSTER V2 at 224, every tensor at order one (order_one_): shared by the shape, count and checkpoint tests."""
+    torch.manual_seed(1)
+    return order_one_(PosterRWKV(PosterConfig.preset("poster-v2")), seed=1).eval()
 
 
 # ---- poster: shapes and parameter counts at POSTER V2's size -------------------------------------
 
-def test_poster_stage_shapes_at_224(poster_v2):
-    model, seen = poster_v2, {}
-
-    def keep(name):
-        return lambda module, args, out: seen.__setitem__(name, out)
-    hooks = [model.ir_back.register_forward_hook(keep("ir")),
-             model.face_landback.register_forward_hook(keep("landmarks")),
-             model.last_face_conv.register_forward_hook(keep("last_face_conv")),
-             model.mixer.register_forward_pre_hook(lambda module, args: seen.__setitem__("tokens", args[0])),
-             model.mixer.register_forward_hook(keep("mixed"))]
-    for s, scale in enumerate(model.scales):
-        hooks += [scale.downsample.register_forward_hook(keep(f"down{s}")),
-                  scale.attn.register_forward_hook(keep(f"attn{s}")),
-                  scale.ffn.register_forward_hook(keep(f"ffn{s}")),
-                  scale.register_forward_hook(keep(f"embed{s}"))]
-    with torch.no_grad():
-        logits = model(torch.randn(2, 3, 224, 224))
-    for h in hooks:
-        h.remove()
-    shape = lambda t: tuple(t.shape)  # noqa: E731
-    assert [shape(t) for t in seen["ir"]] == [(2, 64, 56, 56), (2, 128, 28, 28), (2, 256, 14, 14)]
-    assert [shape(seen[f"down{s}"]) for s in range(3)] == [(2, 64, 28, 28), (2, 128, 14, 14), (2, 256, 7, 7)]
-    assert [shape(t) for t in seen["landmarks"]] == [(2, 64, 28, 28), (2, 128, 14, 14), (2, 512, 7, 7)]
-    assert shape(seen["last_face_conv"]) == (2, 256, 7, 7)
-    for s, (n, c) in enumerate([(784, 64), (196, 128), (49, 256)]):
-        attn, shortcut = seen[f"attn{s}"]
-        assert shape(attn) == shape(shortcut) == shape(seen[f"ffn{s}"]) == (2, n, c)
-        assert shape(seen[f"embed{s}"]) == (2, 49, 768)
-    assert shape(seen["tokens"]) == (2, 147, 768)
-    assert shape(seen["mixed"]) == (2, 768)
-    assert shape(logits) == (2, 7)
-
-
-def test_poster_v2_counts_the_published_43_7_m(poster_v2):
+def test_poster_v2_counts_the_published_43_7_m():
     # thop on the original code (models/PosterV2_7cls.py, leaf modules that run) gives 43,724,311:
-    # this implementation's 43,628,295 plus the GDC head the original runs and discards
+    # this implementation's 43,628,295 plus the GDC head the original runs and discards (on the meta device)
+    poster_v2 = poster_v2_meta()
     n = poster_param_count(poster_v2)
     assert n == 43_724_311 and round(n / 1e6, 1) == 43.7
     assert poster_param_count(poster_v2, gdc_head=False) == 43_628_295
@@ -2107,23 +2069,25 @@ def posterv2_names(sd, depth=2):
 
 
 def posterv2_extras(n_classes, depth=2):
-    """What POSTER V2 saves besides what runs: IR-50's and MobileFaceNet's output layers, the ViT's
-    unused patch_embed, eca_block, CON1, IRLinear1/2, each block's Conv1d, the rel.-pos. indices."""
-    bn = lambda p, n: {f"{p}.weight": torch.ones(n), f"{p}.bias": torch.zeros(n), f"{p}.running_mean": torch.zeros(n),  # noqa: E731
-                       f"{p}.running_var": torch.ones(n), f"{p}.num_batches_tracked": torch.tensor(0)}
-    extra = {**bn("ir_back.output_layer.0", 512), "ir_back.output_layer.3.weight": torch.zeros(512, 25088),
-             "ir_back.output_layer.3.bias": torch.zeros(512), **bn("ir_back.output_layer.4", 512),
-             "face_landback.output_layer.conv_6_dw.conv.weight": torch.zeros(512, 1, 7, 7),
+    """What POSTER V2 saves besides what runs (zeros, stored as one number each): IR-50's and MobileFaceNet's
+    output layers, the ViT's unused patch_embed, eca_block, CON1, IRLinear1/2, each block's Conv1d, the
+    rel.-pos. indices."""
+    z = lambda *shape, dtype=torch.float32: torch.zeros((), dtype=dtype).expand(shape)  # noqa: E731
+    bn = lambda p, n: {f"{p}.{w}": z(n) for w in ("weight", "bias", "running_mean", "running_var")} | {  # noqa: E731
+        f"{p}.num_batches_tracked": torch.tensor(0)}
+    extra = {**bn("ir_back.output_layer.0", 512), "ir_back.output_layer.3.weight": z(512, 25088),
+             "ir_back.output_layer.3.bias": z(512), **bn("ir_back.output_layer.4", 512),
+             "face_landback.output_layer.conv_6_dw.conv.weight": z(512, 1, 7, 7),
              **bn("face_landback.output_layer.conv_6_dw.bn", 512),
-             "face_landback.output_layer.linear.weight": torch.zeros(136, 512), **bn("face_landback.output_layer.bn", 136),
-             "VIT.patch_embed.proj.weight": torch.zeros(768, 256, 1, 1), "VIT.patch_embed.proj.bias": torch.zeros(768),
-             "VIT.eca_block.conv.weight": torch.zeros(1, 1, 5), "VIT.CON1.weight": torch.zeros(768, 256, 1, 1),
-             "VIT.IRLinear1.weight": torch.zeros(768, 1024), "VIT.IRLinear1.bias": torch.zeros(768),
-             "VIT.IRLinear2.weight": torch.zeros(512, 768), "VIT.IRLinear2.bias": torch.zeros(512)}
+             "face_landback.output_layer.linear.weight": z(136, 512), **bn("face_landback.output_layer.bn", 136),
+             "VIT.patch_embed.proj.weight": z(768, 256, 1, 1), "VIT.patch_embed.proj.bias": z(768),
+             "VIT.eca_block.conv.weight": z(1, 1, 5), "VIT.CON1.weight": z(768, 256, 1, 1),
+             "VIT.IRLinear1.weight": z(768, 1024), "VIT.IRLinear1.bias": z(768),
+             "VIT.IRLinear2.weight": z(512, 768), "VIT.IRLinear2.bias": z(512)}
     for i in range(depth):
-        extra.update({f"VIT.blocks.{i}.conv.weight": torch.zeros(148, 148, 1), f"VIT.blocks.{i}.conv.bias": torch.zeros(148)})
+        extra.update({f"VIT.blocks.{i}.conv.weight": z(148, 148, 1), f"VIT.blocks.{i}.conv.bias": z(148)})
     for s, w in enumerate((28, 14, 7)):
-        extra[f"attn{s + 1}.relative_position_index"] = torch.zeros(w * w, w * w, dtype=torch.long)
+        extra[f"attn{s + 1}.relative_position_index"] = z(w * w, w * w, dtype=torch.long)
     return extra
 
 
@@ -2134,10 +2098,11 @@ class RecorderMeter:
 '''
 
 
-def write_posterv2_checkpoint(path, tmp_path, model, monkeypatch, edit=None):
-    """torch.save as POSTER V2's main.py: DataParallel keys, epoch, best_acc, optimizer and recorder
-    objects of a class from a throw-away module, which is gone (file and sys.modules) at load time."""
-    sd = {**posterv2_names(model.state_dict()), **posterv2_extras(model.config.n_classes)}
+def write_posterv2_checkpoint(path, tmp_path, state, monkeypatch, edit=None):
+    """torch.save of a poster-v2 state dict as POSTER V2's main.py saves it: its names, DataParallel keys,
+    epoch, best_acc, optimizer and recorder objects of a class from a throw-away module, which is gone
+    (file and sys.modules) at load time. -> how many of the file's tensors only POSTER V2 has."""
+    sd = {**posterv2_names(state), **posterv2_extras(state["head.weight"].shape[0])}
     if edit:
         edit(sd)
     (tmp_path / "throwaway_main.py").write_text(RECORDER)
@@ -2148,48 +2113,80 @@ def write_posterv2_checkpoint(path, tmp_path, model, monkeypatch, edit=None):
                 "recorder": recorder, "recorder1": recorder}, path)
     del sys.modules["throwaway_main"]
     (tmp_path / "throwaway_main.py").unlink()
-    return len(posterv2_extras(model.config.n_classes))
+    return len(posterv2_extras(state["head.weight"].shape[0]))
 
 
-@pytest.fixture(scope="module")
-def posterv2_source():
-    torch.manual_seed(1)
-    return order_one_(PosterRWKV(PosterConfig.preset("poster-v2")), seed=1).eval()
-
-
-def test_poster_reads_a_posterv2_checkpoint_with_identical_logits(tmp_path, monkeypatch, posterv2_source):
-    path = tmp_path / "rafdb-posterv2.pth"
-    n_extra = write_posterv2_checkpoint(path, tmp_path, posterv2_source, monkeypatch)
+def test_poster_v2_stage_shapes_at_224_and_its_checkpoint_read_with_identical_logits(tmp_path, monkeypatch, poster_v2):
+    """Every stage's shape at 224; a checkpoint as POSTER V2's main.py saves it (which torch.load with
+    weights_only refuses) read into a fresh poster-v2 gives the source's logits exactly."""
+    path, seen = tmp_path / "rafdb-posterv2.pth", {}
+    n_extra = write_posterv2_checkpoint(path, tmp_path, poster_v2.state_dict(), monkeypatch)
     with pytest.raises(Exception):  # what POSTER V2's own torch.load (weights_only) says of it
         torch.load(path, weights_only=True)
     n_classes, sd, skipped = posterv2_state_dict(path)
     assert n_classes == 7 and skipped == n_extra == 39
     model = PosterRWKV(PosterConfig.preset("poster-v2")).eval()
     model.load_state_dict(sd)
-    images = torch.randn(1, 3, 224, 224)
+    keep = lambda name: lambda module, args, out: seen.__setitem__(name, out)  # noqa: E731
+    m = poster_v2
+    hooks = [m.ir_back.register_forward_hook(keep("ir")), m.face_landback.register_forward_hook(keep("landmarks")),
+             m.last_face_conv.register_forward_hook(keep("last_face_conv")), m.mixer.register_forward_hook(keep("mixed")),
+             m.mixer.register_forward_pre_hook(lambda module, args: seen.__setitem__("tokens", args[0]))]
+    hooks += [getattr(scale, part).register_forward_hook(keep(f"{part}{s}")) for s, scale in enumerate(m.scales)
+              for part in ("downsample", "attn", "ffn")] + [sc.register_forward_hook(keep(f"embed{s}"))
+                                                            for s, sc in enumerate(m.scales)]
+    images = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
-        assert torch.equal(model(images), posterv2_source(images))
+        logits = poster_v2(images)
+        assert torch.equal(model(images), logits)
+    for h in hooks:
+        h.remove()
+    shape = lambda t: tuple(t.shape)  # noqa: E731
+    assert [shape(t) for t in seen["ir"]] == [(2, 64, 56, 56), (2, 128, 28, 28), (2, 256, 14, 14)]
+    assert [shape(seen[f"downsample{s}"]) for s in range(3)] == [(2, 64, 28, 28), (2, 128, 14, 14), (2, 256, 7, 7)]
+    assert [shape(t) for t in seen["landmarks"]] == [(2, 64, 28, 28), (2, 128, 14, 14), (2, 512, 7, 7)]
+    assert shape(seen["last_face_conv"]) == (2, 256, 7, 7)
+    for s, (n, c) in enumerate([(784, 64), (196, 128), (49, 256)]):
+        attn, shortcut = seen[f"attn{s}"]
+        assert shape(attn) == shape(shortcut) == shape(seen[f"ffn{s}"]) == (2, n, c)
+        assert shape(seen[f"embed{s}"]) == (2, 49, 768)
+    assert (shape(seen["tokens"]), shape(seen["mixed"]), shape(logits)) == ((2, 147, 768), (2, 768), (2, 7))
 
 
-def test_poster_reads_an_8_class_posterv2_checkpoint(tmp_path, monkeypatch, posterv2_source):
-    eight = PosterRWKV(PosterConfig.preset("poster-v2", n_classes=8))
-    eight.load_state_dict({k: v for k, v in posterv2_source.state_dict().items() if not k.startswith("head.")}, strict=False)
-    write_posterv2_checkpoint(tmp_path / "affectnet8.pth", tmp_path, eight, monkeypatch)
-    n_classes, sd, _ = posterv2_state_dict(tmp_path / "affectnet8.pth")
-    assert n_classes == 8 and sd["head.weight"].shape == (8, 768) and torch.equal(sd["head.bias"], eight.head.bias)
+@functools.cache
+def poster_v2_meta(n_classes=7):
+    with torch.device("meta"):  # shapes without the init
+        return PosterRWKV(PosterConfig.preset("poster-v2", n_classes=n_classes)).eval()
 
 
-@pytest.mark.parametrize("edit,match", [
-    (lambda sd: sd.update({"VIT.extra_layer.weight": torch.zeros(3)}), r"not POSTER V2's: \['VIT.extra_layer.weight'\]"),
-    (lambda sd: sd.pop("attn2.qkv.weight"), r"lacks the keys \['scales.1.attn.kv.weight'\]"),
-    (lambda sd: sd.update({"conv3.weight": torch.zeros(256, 256, 1, 1)}),
+def posterv2_shapes_only(n_classes=7):
+    """A poster-v2 state dict of the right keys and shapes whose tensors are one number per key, expanded
+    (stride 0: a file of a few kB), and a real classifier."""
+    sd = {k: torch.full((), i % 100, dtype=v.dtype).expand(v.shape)
+          for i, (k, v) in enumerate(poster_v2_meta(n_classes).state_dict().items())}
+    return {**sd, "head.weight": torch.randn(n_classes, 768), "head.bias": torch.randn(n_classes)}
+
+
+@pytest.mark.parametrize("n_classes, edit, match", [
+    (8, None, None),
+    (7, lambda sd: sd.update({"VIT.extra_layer.weight": torch.zeros(3)}), r"not POSTER V2's: \['VIT.extra_layer.weight'\]"),
+    (7, lambda sd: sd.pop("attn2.qkv.weight"), r"lacks the keys \['scales.1.attn.kv.weight'\]"),
+    (7, lambda sd: sd.update({"conv3.weight": torch.zeros(256, 256, 1, 1)}),
      r"wrong shape: \['scales.2.downsample.weight \(256, 256, 1, 1\) \(need \(256, 256, 3, 3\)\)'\]"),
-    (lambda sd: sd.pop("VIT.head.linear.weight"), r"no classifier \(VIT.head.linear.weight\)"),
-])
-def test_poster_posterv2_checkpoint_errors_name_the_keys(tmp_path, monkeypatch, posterv2_source, edit, match):
-    write_posterv2_checkpoint(tmp_path / "bad.pth", tmp_path, posterv2_source, monkeypatch, edit)
-    with pytest.raises(ValueError, match=match):
-        posterv2_state_dict(tmp_path / "bad.pth")
+    (7, lambda sd: sd.pop("VIT.head.linear.weight"), r"no classifier \(VIT.head.linear.weight\)"),
+], ids=["8-classes", "foreign-key", "missing-key", "wrong-shape", "no-classifier"])
+def test_poster_posterv2_checkpoint_8_classes_and_errors_name_the_keys(tmp_path, monkeypatch, n_classes, edit, match):
+    """An AffectNet-8 checkpoint reads as 8 classes, its classifier as saved; a foreign key, a missing
+    one, a wrong shape and no classifier are ValueErrors naming the keys (POSTER V2's and ours)."""
+    sd = posterv2_shapes_only(n_classes)
+    write_posterv2_checkpoint(tmp_path / "c.pth", tmp_path, sd, monkeypatch, edit)
+    if match:
+        with pytest.raises(ValueError, match=match):
+            posterv2_state_dict(tmp_path / "c.pth")
+        return
+    got_classes, got, _ = posterv2_state_dict(tmp_path / "c.pth")
+    assert got_classes == 8 and got["head.weight"].shape == (8, 768) and torch.equal(got["head.bias"], sd["head.bias"])
+    assert all(torch.equal(got[k], v) for k, v in sd.items())
 
 
 def test_poster_posterv2_class_orders():
