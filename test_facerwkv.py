@@ -1655,13 +1655,6 @@ def small(**overrides):
     return PosterRWKV(PosterConfig.preset("poster-small", **overrides))
 
 
-@pytest.fixture(scope="module")
-def poster_v2():
-    """POSTER V2 at 224, every tensor at order one (order_one_): shared by the shape, count and checkpoint tests."""
-    torch.manual_seed(1)
-    return order_one_(PosterRWKV(PosterConfig.preset("poster-v2")), seed=1).eval()
-
-
 # ---- poster: shapes and parameter counts at POSTER V2's size -------------------------------------
 
 def test_poster_v2_counts_the_published_43_7_m():

@@ -1979,17 +1979,17 @@ def test_train_eval_only_matches_classes_by_name_or_refuses_naming_both_lists(tm
                       f"{list(names)}")
 
 
-def test_train_posterv2_checkpoint_on_its_own_numbered_folders_equals_the_rafdb_layout(tmp_path, monkeypatch, capsys):
+def test_train_posterv2_checkpoint_on_its_own_numbered_folders_equals_the_rafdb_layout(tmp_path, capsys, posterv2_7):
     """A POSTER V2 checkpoint on POSTER V2's own RAF-DB tree (folders 1..7 under train/ and valid/)
     with --dataset rafdb scores what it scores on the same images in RAF-DB's EmoLabel layout, confusion
     matrix and all; without --dataset the numbered folders are refused, never guessed."""
-    source, path = posterv2_file(tmp_path, monkeypatch)
-    raf = make_rafdb(tmp_path / "raf", n_train=1, n_test=2)
+    source, path = posterv2_7
+    raf = make_rafdb(tmp_path / "raf", n_train=1, n_test=1)
     tree = make_posterv2_rafdb(raf, tmp_path / "tree")
     common = ["--eval-only", str(path), "--batch-size", "7", "--out", str(tmp_path / "e")]
     own = train.main([*common, "--data", raf])
     folders = train.main([*common, "--data", str(tree), "--dataset", "rafdb"])
-    assert folders["n"] == own["n"] == 14 and folders["test_confusion"] == own["test_confusion"]
+    assert folders["n"] == own["n"] == 7 and folders["test_confusion"] == own["test_confusion"]
     assert folders["test_acc"] == own["test_acc"]
     expect_exit_2(capsys, [*common, "--data", str(tree)], "--dataset rafdb")
     args, _ = train.parse_args([*common, "--data", raf])  # and by hand: POSTER V2's outputs in RAF-DB's order
@@ -2050,12 +2050,13 @@ def test_train_help_shows_every_default_whole_sentences_and_examples(capsys):
 
 
 
-def posterv2_file(tmp_path, monkeypatch, n_classes=7, seed=1):
-    torch.manual_seed(seed)
-    source = order_one_(PosterRWKV(PosterConfig.preset("poster-v2", n_classes=n_classes)), seed=seed).eval()
-    path = tmp_path / f"posterv2-{n_classes}.pth"
-    write_posterv2_checkpoint(path, tmp_path, source, monkeypatch)
-    return source, path
+@pytest.fixture(scope="module")
+def posterv2_7(poster_v2, tmp_path_factory):
+    """poster_v2 (conftest.py) saved as POSTER V2's main.py saves its RAF-DB checkpoint: (source, path)."""
+    folder = tmp_path_factory.mktemp("posterv2")
+    with pytest.MonkeyPatch.context() as mp:
+        write_posterv2_checkpoint(folder / "posterv2-7.pth", folder, poster_v2.state_dict(), mp)
+    return poster_v2, folder / "posterv2-7.pth"
 
 
 def face_png(tmp_path):
@@ -2064,8 +2065,8 @@ def face_png(tmp_path):
     return path
 
 
-def test_train_predict_and_eval_only_read_a_posterv2_checkpoint(tmp_path, monkeypatch, capsys):
-    source, path = posterv2_file(tmp_path, monkeypatch)
+def test_train_predict_and_eval_only_read_a_posterv2_checkpoint(tmp_path, capsys, posterv2_7):
+    source, path = posterv2_7
     img, order = face_png(tmp_path), POSTERV2_CLASS_ORDER["rafdb"]
     probs = train.main(["--predict", str(img), "--ckpt", str(path), "--dataset", "rafdb"])["predictions"][str(img)]
     with torch.no_grad():  # POSTER V2's preprocessing: 224 x 224, ImageNet normalisation
@@ -2076,20 +2077,26 @@ def test_train_predict_and_eval_only_read_a_posterv2_checkpoint(tmp_path, monkey
     expect_exit_2(capsys, ["--eval-only", str(path), "--synthetic-size", "1", "1"], "--dataset rafdb")
 
 
-def test_train_predict_with_an_8_class_posterv2_checkpoint(tmp_path, monkeypatch, capsys):
-    source, path = posterv2_file(tmp_path, monkeypatch, n_classes=8, seed=2)
-    img, order = face_png(tmp_path), POSTERV2_CLASS_ORDER["affectnet"]
+def test_train_predict_with_an_8_class_posterv2_checkpoint(tmp_path, monkeypatch, capsys, poster_v2):
+    g = torch.Generator().manual_seed(2)  # poster_v2 with an AffectNet-8 classifier
+    head = {"head.weight": torch.randn(8, 768, generator=g) / math.sqrt(768), "head.bias": torch.randn(8, generator=g)}
+    path = tmp_path / "posterv2-8.pth"
+    write_posterv2_checkpoint(path, tmp_path, {**poster_v2.state_dict(), **head}, monkeypatch)
+    img, order, features = face_png(tmp_path), POSTERV2_CLASS_ORDER["affectnet"], []
     probs = train.main(["--predict", str(img), "--ckpt", str(path)])["predictions"][str(img)]
+    hook = poster_v2.head.register_forward_pre_hook(lambda module, args: features.append(args[0]))
     with torch.no_grad():
-        ref = source(data.load_image(img, (224, 224), normalize=True)[None]).softmax(1)[0]
+        poster_v2(data.load_image(img, (224, 224), normalize=True)[None])
+    hook.remove()
+    ref = F.linear(features[0], head["head.weight"], head["head.bias"]).softmax(1)[0]
     assert list(probs) == [*data.CLASSES, "Contempt"]
     assert all(abs(probs[c] - ref[order.index(c)].item()) < 1e-5 for c in probs)
     result = train.main(["--eval-only", str(path), "--synthetic-size", "1", "1", "--out", str(tmp_path)])
     assert result["n"] == 7 and len(result["test_confusion"]) == 8 and sum(result["test_confusion"][7]) == 0
 
 
-def test_train_init_from_posterv2_into_poster_rwkv_loads_all_but_the_mixer(tmp_path, monkeypatch, capsys):
-    source, path = posterv2_file(tmp_path, monkeypatch)
+def test_train_init_from_posterv2_into_poster_rwkv_loads_all_but_the_mixer(capsys, posterv2_7):
+    source, path = posterv2_7
     model = PosterRWKV(PosterConfig.preset("poster-rwkv"))
     loaded = train.init_from(model, path, argparse.Namespace(dataset="caer-s", data=None), data.CLASSES, print)
     own = model.state_dict()
