@@ -28,6 +28,7 @@ import hashlib
 import io
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
@@ -1421,7 +1422,10 @@ def test_train_clear_errors(tiny_run, tmp_path, capsys):
     expect_exit_2(capsys, ["--epochs", "0"], "--epochs")
 
 
-def test_train_two_processes_count_every_test_image_once(tmp_path):
+def test_train_two_processes_count_every_test_image_once_and_checkpoint_every_rank(tmp_path):
+    """Two processes: each test image is counted once (the one-process evaluation of the same best.pt
+    agrees) and best.pt has no 'module.' prefix; a mid-epoch last.pt holds the global batch's sums and
+    both ranks' RNG states, and resumes in one process to the end of the run."""
     out = torchrun("--epochs", "1", "--out", str(tmp_path), "--name", "ddp")
     assert re.search(r"processes 2 on cpu \(\d+ threads\), 4 images per process per step", out), out
     run_dir = tmp_path / "ddp"
@@ -1430,18 +1434,21 @@ def test_train_two_processes_count_every_test_image_once(tmp_path):
     assert not any(k.startswith("module.") for k in torch.load(run_dir / "best.pt", weights_only=True)["model"])
     single = train.main(["--eval-only", str(run_dir / "best.pt")])
     assert single["test_acc"] == summary["test_acc"] and single["test_confusion"] == summary["test_confusion"]
-
-
-def test_train_two_process_checkpoint_resumes_in_one(tmp_path):
-    torchrun("--epochs", "2", "--stop-after-steps", "4", "--out", str(tmp_path), "--name", "ddp")
-    assert torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)["step"] == 3  # end of epoch 1
-    resumed = train.main(["--resume", str(tmp_path / "ddp")])
+    torchrun("--epochs", "2", "--save-every-steps", "1", "--stop-after-steps", "2", "--out", str(tmp_path), "--name", "mid")
+    ckpt = torch.load(tmp_path / "mid" / "last.pt", weights_only=True)
+    assert ckpt["step"] == 1 and ckpt["train_sums"][2] == 8  # the global batch, not rank 0's 4 images
+    assert isinstance(ckpt["rng"], list) and len(ckpt["rng"]) == 2
+    resumed = train.main(["--resume", str(tmp_path / "mid")])
     assert resumed["world_size"] == 1 and resumed["steps"] == 6
-    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "mid" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-def test_train_benchmark_writes_a_table(tmp_path):
-    # tiny sizes: this checks the machinery (a process per point, ratios, the CSV), not speed
+def test_train_benchmark_writes_a_table(tmp_path, monkeypatch):
+    # tiny sizes: this checks the machinery (a process per point, ratios, the CSV), not speed; each
+    # point's process forks from a server that imported train.py once (torch's import is most of a spawn)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["train"])
+    monkeypatch.setattr(train.multiprocessing, "get_context", lambda method=None: context)
     out = tmp_path / "bench.csv"
     result = train.main(["--benchmark", str(out), "--bench-tokens", "6", "--bench-methods", "rwkv-block",
                          "transformer-block", "rwkv-rnn", "vrwkv-block", "poster-small",
@@ -1502,15 +1509,6 @@ def test_train_progress_one_line_in_place_on_a_terminal(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "stdout", io.StringIO())
     run(tmp_path, "pipe", "--epochs", "1")
     assert sum("img/s" in line and "\r" not in line for line in sys.stdout.getvalue().split("\n")) == 3
-
-
-def test_train_two_process_mid_epoch_checkpoint_holds_every_rank(tmp_path):
-    torchrun("--epochs", "1", "--save-every-steps", "1", "--stop-after-steps", "2", "--out", str(tmp_path),
-             "--name", "ddp")
-    ckpt = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
-    assert ckpt["step"] == 1
-    assert ckpt["train_sums"][2] == 8            # the global batch, not rank 0's 4 images
-    assert isinstance(ckpt["rng"], list) and len(ckpt["rng"]) == 2
 
 
 def test_train_mean_per_class_accuracy():
