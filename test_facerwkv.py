@@ -395,7 +395,6 @@ def test_wkv_cuda_kernel_matches_reference(op, B, T, C, extreme, ytol, gtol):
     assert_close(y, g, y_ref, g_ref, ytol, gtol)
 
 
-
 # ---- WKV and Bi-WKV: the runtimes (cupy streams, explicit backends, two Python threads) ----------
 def test_wkv_cupy_stream_picks_from_external_or_external_stream():
     torch_stream = types.SimpleNamespace(cuda_stream=0xABC, device_index=3)
@@ -683,12 +682,6 @@ def test_model_rnn_state_size_does_not_depend_on_tokens():
     assert sizes[0] == sizes[1] == sizes[2] == 2 * 2 * 5 * 32  # B * layers * (5 vectors of d)
 
 
-def test_model_transformer_has_no_rnn_mode():
-    config = FaceRWKVConfig(**ALL_VARIANTS["transformer"])
-    with pytest.raises(ValueError, match="no RNN mode"):
-        FaceRWKV(config).forward_rnn(images(config))
-
-
 # ---- model: every variant builds, runs forward and backward, and trains a step -------------------
 
 @pytest.mark.parametrize("name", list(ALL_VARIANTS) + [f"vrwkv-{n}" for n in VR_VARIANTS])
@@ -700,7 +693,7 @@ def test_model_variant_forward_backward(name):
     model = perturb_(FaceRWKV(config)).train()
     x = images(config, batch=3)
     logits = model(x)
-    assert logits.shape == (3, 7) and torch.isfinite(logits).all()
+    assert logits.shape == (3, 7) and torch.isfinite(logits).all() and (config.n_tokens == 1) == ("one_token" in name)
     F.cross_entropy(logits, torch.tensor([0, 3, 6])).backward()
     for n, p in model.named_parameters():
         assert (p.grad is not None) == p.requires_grad, n
@@ -713,14 +706,6 @@ def test_model_variant_forward_backward(name):
     assert (model.backbone is not None) == (config.backbone == "resnet50")
     if config.mixer == "identity":
         assert sum(p.numel() for p in model.blocks.parameters()) == 0
-
-
-def test_model_one_token():
-    config = FaceRWKVConfig(**dict(TINY, img_size=(10, 10)))
-    assert config.n_tokens == 1
-    model = perturb_(FaceRWKV(config)).eval()
-    x = images(config)
-    assert model(x).shape == (2, 7)
 
 
 def test_model_patches_in_raster_order():
@@ -846,12 +831,17 @@ def test_model_presets_and_tokens():
     hybrid = FaceRWKVConfig.preset("hybrid")
     assert (hybrid.backbone, hybrid.patch_size, hybrid.grid) == ("resnet50", 5, (20, 30))
     assert FaceRWKVConfig.preset("small", pool="mean").pool == "mean"
+    with pytest.raises(ValueError, match="unknown preset 'huge'; use one of"):
+        FaceRWKVConfig.preset("huge")
 
 
 def test_model_config_json_round_trip():
-    config = FaceRWKVConfig.preset("hybrid", freeze_backbone=True, pos_emb=True, img_size=[200, 300])
-    again = FaceRWKVConfig(**json.loads(json.dumps(asdict(config))))
-    assert again == config and again.img_size == (200, 300)
+    for config in (FaceRWKVConfig.preset("hybrid", freeze_backbone=True, pos_emb=True, img_size=[200, 300]),
+                   FaceRWKVConfig.preset("hybrid", mixer="vrwkv", pool="mean", img_size=[200, 300])):
+        again = FaceRWKVConfig(**json.loads(json.dumps(asdict(config))))
+        assert again == config and again.img_size == (200, 300)
+    assert again.mixer == "vrwkv" and "vrwkv" in facerwkv.OPTIONS["mixer"]
+    assert "FaceRWKV vrwkv" in FaceRWKV(FaceRWKVConfig(**VR)).print_param_summary()
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -872,15 +862,7 @@ def test_model_config_errors(overrides, message):
         FaceRWKVConfig(**dict(TINY, **overrides))
 
 
-def test_model_unknown_preset():
-    with pytest.raises(ValueError, match="unknown preset 'huge'; use one of"):
-        FaceRWKVConfig.preset("huge")
-
-
-
-
 # ---- facerwkv's shared mechanisms: weight files, the cache, the shared blocks (-k test_model) ----
-
 
 
 requires_cxx = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
@@ -915,30 +897,6 @@ def test_model_weights_malicious_pickle_runs_nothing(tmp_path, call):
     assert victim.is_dir() and not (victim / "pwned").exists()
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
-def test_model_weights_torchscript_archive_is_refused(tmp_path):
-    path = tmp_path / "scripted.pt"
-    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
-    with pytest.raises(ValueError, match="torchscript") as e:
-        facerwkv.read_checkpoint(path)
-    assert str(path) in str(e.value) and "\n" not in str(e.value)
-
-
-def test_model_weights_nonfinite_tensor_refused_by_its_key_path(tmp_path):
-    """Anywhere in the checkpoint (nested dicts, lists, tuples), not only in a state dict."""
-    head = torch.ones(3, 4)
-    head[1, 2] = float("nan")
-    torch.save({"epoch": 3, "model": {"blocks.0.w": torch.ones(2), "head.weight": head}}, tmp_path / "nested.pth")
-    torch.save({"optimizer": {"state": [{"exp_avg": torch.tensor([1.0, float("-inf")])}]}, "step": torch.tensor(7)},
-               tmp_path / "list.pth")
-    for name, key in (("nested.pth", "model.head.weight"), ("list.pth", "optimizer.state.0.exp_avg")):
-        with pytest.raises(ValueError, match=re.escape(f"tensor {key} holds NaN or infinite values")) as e:
-            facerwkv.read_checkpoint(tmp_path / name)
-        assert str(tmp_path / name) in str(e.value) and "\n" not in str(e.value)
-    torch.save({"model": {"w": torch.ones(2)}, "steps": torch.tensor([2**62]), "loss": float("nan")}, tmp_path / "ok.pth")
-    assert facerwkv.read_checkpoint(tmp_path / "ok.pth")["steps"].item() == 2**62  # integers and plain floats pass
-
-
 def test_model_weights_object_of_a_vanished_module_loads_as_placeholder(tmp_path):
     module = types.ModuleType("throwaway_recorder")
     exec("class RecorderMeter:\n    def __init__(self, n):\n        self.n = n\n        self.history = [1.5, 2.5]\n",
@@ -965,36 +923,46 @@ def test_model_weights_object_of_a_vanished_module_loads_as_placeholder(tmp_path
     assert torch.equal(model.fc.weight, sd["module.fc.weight"])
 
 
-def test_model_weights_numpy_values_and_ordered_dict_load(tmp_path):
+def test_model_weights_numpy_values_ordered_dicts_integers_and_plain_floats_load(tmp_path):
     import collections
-    import numpy as np
     path = tmp_path / "np.pth"
-    torch.save({"a": np.arange(6, dtype=np.int16).reshape(2, 3), "b": np.float64(2.5),
-                "c": collections.OrderedDict(x=torch.zeros(2, dtype=torch.bfloat16)), "d": torch.float16}, path)
+    torch.save({"a": np.arange(6, dtype=np.int16).reshape(2, 3), "b": np.float64(2.5), "d": torch.float16,
+                "c": collections.OrderedDict(x=torch.zeros(2, dtype=torch.bfloat16)), "steps": torch.tensor([2**62]),
+                "loss": float("nan")}, path)
     got = facerwkv.read_checkpoint(path)
     assert got["a"].dtype == np.int16 and got["a"].tolist() == [[0, 1, 2], [3, 4, 5]]
     assert got["b"] == 2.5 and got["d"] is torch.float16 and got["c"]["x"].dtype == torch.bfloat16
+    assert got["steps"].item() == 2**62 and math.isnan(got["loss"])  # only tensors must be finite
 
 
-def test_model_weights_errors_are_one_line_and_named(tmp_path):
-    def one_line_error(path, match, reader=facerwkv.read_state_dict):
-        with pytest.raises(ValueError, match=match) as e:
-            reader(path)
-        assert "\n" not in str(e.value) and str(path) in str(e.value)
+def cut_file(path):
+    torch.save({"x": torch.randn(1000)}, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
-    torch.save({1: torch.zeros(2)}, tmp_path / "intkey.pth")
-    one_line_error(tmp_path / "intkey.pth", "key 1 is not a string")
-    torch.save({"blocks.0.w": torch.tensor([1.0, float("nan")])}, tmp_path / "nan.pth")
-    one_line_error(tmp_path / "nan.pth", "tensor blocks.0.w holds NaN")
-    torch.save({"x": torch.randn(1000)}, tmp_path / "full.pth")
-    data = (tmp_path / "full.pth").read_bytes()
-    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
-    one_line_error(tmp_path / "cut.pth", "could not read it as a torch weights file", facerwkv.read_checkpoint)
-    (tmp_path / "empty.pth").write_bytes(b"")
-    one_line_error(tmp_path / "empty.pth", "could not read", facerwkv.read_checkpoint)
-    one_line_error(tmp_path / "nope.pth", "not found", facerwkv.read_checkpoint)
-    torch.save({"x": "text"}, tmp_path / "str.pth")
-    one_line_error(tmp_path / "str.pth", "x is a str, not a tensor")
+
+WEIGHT_FILE_ERRORS = [  # (case, how the file is written, the reader, the message); any nesting of the checkpoint
+    ("torchscript", lambda p: torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), p), "checkpoint", "torchscript"),
+    ("nan-nested", lambda p: torch.save({"epoch": 3, "model": {"b.w": torch.ones(2), "head.weight": torch.tensor(
+        [[1.0, float("nan")]])}}, p), "checkpoint", re.escape("tensor model.head.weight holds NaN or infinite values")),
+    ("inf-in-a-list", lambda p: torch.save({"optimizer": {"state": [{"exp_avg": torch.tensor([1.0, -math.inf])}]},
+                                            "step": torch.tensor(7)}, p), "checkpoint", "tensor optimizer.state.0.exp_avg holds"),
+    ("int-key", lambda p: torch.save({1: torch.zeros(2)}, p), "state_dict", "key 1 is not a string"),
+    ("nan", lambda p: torch.save({"blocks.0.w": torch.tensor([1.0, math.nan])}, p), "state_dict", "tensor blocks.0.w holds NaN"),
+    ("cut", cut_file, "checkpoint", "could not read it as a torch weights file"),
+    ("empty", lambda p: p.write_bytes(b""), "checkpoint", "could not read"),
+    ("missing", lambda p: None, "checkpoint", "not found"),
+    ("str-value", lambda p: torch.save({"x": "text"}, p), "state_dict", "x is a str, not a tensor"),
+]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+@pytest.mark.parametrize("write, reader, match", [c[1:] for c in WEIGHT_FILE_ERRORS], ids=[c[0] for c in WEIGHT_FILE_ERRORS])
+def test_model_weights_errors_are_one_line_and_named(tmp_path, write, reader, match):
+    path = tmp_path / "w.pth"
+    write(path)
+    with pytest.raises(ValueError, match=match) as e:
+        getattr(facerwkv, f"read_{reader}")(path)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
 
 
 def test_model_load_weights_ignores_counts_and_names_keys():
@@ -1275,8 +1243,6 @@ def test_vrwkv_q_shift_grid_mismatch_is_a_clear_error():
         facerwkv.q_shift(torch.zeros(1, 7, 4), [(2, 3)])
 
 
-
-
 def test_vrwkv_fancy_init_is_rwkv4s():
     config = FaceRWKVConfig(**dict(VR, n_layer=3, n_embd=8))
     for layer in range(3):
@@ -1307,22 +1273,16 @@ def test_vrwkv_sees_the_whole_image():
         assert bool((h[:, 0] - h2[:, 0]).abs().max() > 1e-4) == sees_future, mixer
 
 
-def test_vrwkv_has_no_rnn_mode():
-    config = FaceRWKVConfig(**VR)
+@pytest.mark.parametrize("config", [VR, ALL_VARIANTS["transformer"]], ids=["vrwkv", "transformer"])
+def test_vrwkv_and_the_transformer_have_no_rnn_mode(config):
+    config = FaceRWKVConfig(**config)
     model = FaceRWKV(config)
-    with pytest.raises(ValueError, match="needs the whole sequence and has no RNN mode"):
+    with pytest.raises(ValueError, match="needs the whole sequence and has no RNN mode" if config.mixer == "vrwkv" else
+                       "no RNN mode"):
         model.forward_rnn(images(config))
-    with pytest.raises(ValueError, match="no RNN mode"):
-        model.blocks[0].init_state(2, torch.device("cpu"), torch.float32)
-
-
-def test_vrwkv_config_json_round_trip_and_summary():
-    config = FaceRWKVConfig.preset("hybrid", mixer="vrwkv", pool="mean", img_size=[200, 300])
-    again = FaceRWKVConfig(**json.loads(json.dumps(asdict(config))))
-    assert again == config and again.mixer == "vrwkv"
-    assert "vrwkv" in facerwkv.OPTIONS["mixer"]
-    text = FaceRWKV(FaceRWKVConfig(**VR)).print_param_summary()
-    assert "FaceRWKV vrwkv" in text
+    if config.mixer == "vrwkv":
+        with pytest.raises(ValueError, match="no RNN mode"):
+            model.blocks[0].init_state(2, torch.device("cpu"), torch.float32)
 
 
 def test_vrwkv_block_segments():
@@ -1935,8 +1895,6 @@ def test_poster_config_unknown_preset_and_bad_images():
 # ---- poster: the cross-attention and the whole forward at order-one weights, against references ----
 # At the default init the layer scales (1e-5) hide the cross-attention's output, so these set every
 # tensor to order-one values and compare with the computation written out (float64).
-
-
 
 
 def order_one_(module, seed=0):

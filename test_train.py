@@ -857,9 +857,6 @@ def test_data_synthetic_paste_rotated_equals_rotate_then_paste():
 # ---- data: the drawn-face cache, AffectNet csv files, the whole-batch transform -----------------
 
 
-
-
-
 def npy_entries(folder):
     return sorted(p for p in folder.iterdir() if p.name.startswith("synthetic-") and p.suffix == ".npy")
 
@@ -2045,7 +2042,6 @@ def test_train_help_shows_every_default_whole_sentences_and_examples(capsys):
 
 
 # ---- POSTER V2's checkpoints as they are; --init-from; --train-only --------------------------------
-
 
 
 @pytest.fixture(scope="module")
