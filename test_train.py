@@ -1377,8 +1377,6 @@ def test_train_eval_only_and_predict(tiny_run, tmp_path, capsys):
 def test_train_inputs_imagenet_normalised_by_default(tiny_run, capsys):
     config = json.loads((Path(tiny_run["run_dir"]) / "config.json").read_text())
     assert config["model"]["imagenet_norm"] is True and config["data"]["normalize"] is True
-    expect_exit_2(capsys, [*TINY_ARGS, "--size", "hybrid", "--backbone-weights", "w.pt", "--no-imagenet-norm"],
-                  "ImageNet-normalised")
 
 
 def test_train_linear_probe_on_pixels(tmp_path, capsys):
@@ -1406,17 +1404,6 @@ def test_train_plot_draws_a_png(tiny_run, tmp_path, monkeypatch, pillow):
     train.main(["--plot", tiny_run["run_dir"], tiny_run["run_dir"], "--plot-out", str(out)])
     with Image.open(out) as im:
         assert im.format == "PNG" and im.width > 600 and im.height > 400
-
-
-def test_train_clear_errors(tiny_run, tmp_path, capsys):
-    expect_exit_2(capsys, [*TINY_ARGS, "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path)], "nowhere")
-    expect_exit_2(capsys, ["--resume", tiny_run["run_dir"], "--n-embd", "32"], "n_embd=16 (checkpoint) vs 32")
-    expect_exit_2(capsys, ["--eval-only", str(tmp_path / "missing.pt")], "no checkpoint")
-    run_dir = Path(tiny_run["run_dir"])
-    expect_exit_2(capsys, [*TINY_ARGS, "--out", str(run_dir.parent), "--name", run_dir.name], "--resume")
-    expect_exit_2(capsys, [*TINY_ARGS, "--patch-size", "7"], "patch")
-    expect_exit_2(capsys, [*TINY_ARGS, "--amp", "bf16", "--device", "cpu"], "CUDA")
-    expect_exit_2(capsys, ["--epochs", "0"], "--epochs")
 
 
 def test_train_two_processes_count_every_test_image_once_and_checkpoint_every_rank(tmp_path):
@@ -1644,16 +1631,12 @@ def test_train_poster_end_to_end_with_weight_files_eval_only_and_predict(tmp_pat
     assert sum(probs[str(tmp_path / "face.png")].values()) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_train_poster_mixers_and_clear_errors(tmp_path, capsys):
+def test_train_poster_mixers(tmp_path, capsys):
     for mixer in ("transformer", "vrwkv"):
         result = train.main([*POSTER_ARGS, "--mixer", mixer, "--epochs", "1", "--out", str(tmp_path), "--name", mixer])
         assert json.loads((tmp_path / mixer / "config.json").read_text())["model"]["mixer"] == mixer
         assert result["steps"] == 1
     assert "landmark branch: random init, trained" in capsys.readouterr().out
-    expect_exit_2(capsys, [*POSTER_ARGS, "--patch-size", "4"], "--patch-size", "not a POSTER setting")
-    expect_exit_2(capsys, [*POSTER_ARGS, "--img-size", "32", "48"], "square")
-    expect_exit_2(capsys, [*POSTER_ARGS, "--landmark-weights", str(tmp_path / "none.pth")], "none.pth")
-    expect_exit_2(capsys, [*TINY_ARGS, "--ir50-weights", "x.pth"], "POSTER")
 
 
 def test_train_vrwkv_mixer_and_count_params_with_poster_rows(tmp_path, capsys, monkeypatch):
@@ -1781,17 +1764,6 @@ def test_train_non_finite_loss_stops_the_run_with_the_last_checkpoint_intact(tmp
     expect_exit_2(capsys, [*TINY_ARGS, "--out", str(tmp_path), "--name", "huge", "--lr", "1e30"], "the loss is")
 
 
-def test_train_mismatches_are_named_in_one_line(tmp_path, capsys):
-    run(tmp_path, "r", "--epochs", "1")
-    expect_exit_2(capsys, ["--resume", str(tmp_path / "r"), "--experiment", "poster-small"],
-                  "experiment=None (checkpoint) vs poster-small")
-    expect_exit_2(capsys, ["--resume", str(tmp_path / "r" / "best.pt")], "no optimizer state")
-    (tmp_path / "file").write_text("")
-    expect_exit_2(capsys, [*TINY_ARGS, "--out", str(tmp_path / "file")], "--out", "is a file")
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    expect_exit_2(capsys, ["--eval-only", str(tmp_path / "junk.pt")], "junk.pt")
-
-
 # ---- train.py: one run lifecycle (stop and continue, run folders, resume checks, one error boundary) ----
 
 def signal_at_step(monkeypatch, at, signum=signal.SIGINT, twice=False):
@@ -1901,17 +1873,52 @@ def test_train_eta_is_the_runs_own_rate_over_every_step(tmp_path, monkeypatch, c
             assert abs(eta - left) <= 0.25 * left + 1, (step_, eta, left)
 
 
-ONE_LINE_ERRORS = [  # (what goes wrong, argv after TINY_ARGS, the words the one line must hold)
-    ("a name with a slash", ["--name", "../x"], ["--name", "one folder under --out"]),
-    ("an absolute name", ["--name", "/tmp/x"], ["--name", "one folder under --out"]),
-    ("a name too long for a folder", ["--name", "x" * 300], ["--name", "255 bytes"]),
+T, P = TINY_ARGS, POSTER_ARGS
+ONE_LINE_ERRORS = [  # (what goes wrong, argv: {tmp} this test's folder, {run} tiny_run's; the words the one line holds)
+    ("no data there", [*T, "--data", "{tmp}/nowhere", "--out", "{tmp}"], ["nowhere"]),
+    ("a flag changes the resumed model", ["--resume", "{run}", "--n-embd", "32"], ["n_embd=16 (checkpoint) vs 32"]),
+    ("resume as another experiment", ["--resume", "{run}", "--experiment", "poster-small"],
+     ["experiment=None (checkpoint) vs poster-small"]),
+    ("resume from best.pt", ["--resume", "{run}/best.pt"], ["no optimizer state"]),
+    ("no checkpoint", ["--eval-only", "{tmp}/missing.pt"], ["no checkpoint"]),
+    ("not a checkpoint", ["--eval-only", "{tmp}/junk.pt"], ["junk.pt"]),
+    ("an optimizer's state alone (POSTER V2's model_best.pth)", ["--eval-only", "{tmp}/model_best.pth"],
+     ["only an optimizer's state", "state_dict"]),
+    ("a new run where a run is", [*T, "--out", "{run}/..", "--name", "tiny"], ["--resume"]),
+    ("--out is a file", [*T, "--out", "{tmp}/file"], ["--out", "is a file"]),
+    ("a name with a slash", [*T, "--out", "{tmp}", "--name", "../x"], ["--name", "one folder under --out"]),
+    ("an absolute name", [*T, "--out", "{tmp}", "--name", "/tmp/x"], ["--name", "one folder under --out"]),
+    ("a name too long for a folder", [*T, "--out", "{tmp}", "--name", "x" * 300], ["--name", "255 bytes"]),
+    ("a patch that does not tile", [*T, "--patch-size", "7"], ["patch"]),
+    ("bf16 on the CPU", [*T, "--amp", "bf16", "--device", "cpu"], ["CUDA"]),
+    ("no epochs", ["--epochs", "0"], ["--epochs"]),
+    ("pretrained stem on raw pixels", [*T, "--size", "hybrid", "--backbone-weights", "w.pt", "--no-imagenet-norm"],
+     ["ImageNet-normalised"]),
+    ("--patch-size for POSTER", [*P, "--patch-size", "4"], ["--patch-size", "not a POSTER setting"]),
+    ("POSTER on non-square images", [*P, "--img-size", "32", "48"], ["square"]),
+    ("no landmark weights file", [*P, "--landmark-weights", "{tmp}/none.pth"], ["none.pth"]),
+    ("IR-50 weights without POSTER", [*T, "--ir50-weights", "x.pth"], ["POSTER"]),
+    ("--train-only names nothing", [*T, "--train-only", "mixr"], ["mixr names no parameter", "blocks"]),
+    ("--plot-out in no folder", ["--plot", "{tmp}/not-a-run", "--plot-out", "{tmp}/nowhere/p.png"], ["--plot-out", "no folder"]),
+    ("--plot-out not a picture", ["--plot", "{tmp}/not-a-run", "--plot-out", "{tmp}/p.txt"], ["--plot-out", ".png"]),
+    ("--plot-out without a suffix", ["--plot", "{tmp}/not-a-run", "--plot-out", "{tmp}/p"], ["--plot-out", ".png"]),
+    ("--plot of no run", ["--plot", "{tmp}/not-a-run", "--plot-out", "{tmp}/p.png"], ["not-a-run"]),
+    ("--explain without --ckpt", ["--explain", "{tmp}/file"], ["--explain needs --ckpt"]),
 ]
 
 
 @pytest.mark.parametrize("what, argv, words", ONE_LINE_ERRORS, ids=[c[0] for c in ONE_LINE_ERRORS])
-def test_train_user_errors_are_one_line(tmp_path, capsys, what, argv, words):
-    expect_exit_2(capsys, [*TINY_ARGS, "--out", str(tmp_path), *argv], *words)
-    assert not any(tmp_path.iterdir()) and not (tmp_path.parent / "x").exists()
+def test_train_user_errors_are_one_line_and_leave_nothing_behind(tiny_run, tmp_path, capsys, what, argv, words):
+    """Exit status 2 and one line naming the flag or file and the fix; --plot-out is checked before any run
+    is read; nothing is written (no run folder, the tiny run untouched)."""
+    (tmp_path / "file").write_text("")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    torch.save(torch.optim.Adam([torch.nn.Parameter(torch.zeros(3))]).state_dict(), tmp_path / "model_best.pth")
+    run_dir = Path(tiny_run["run_dir"])
+    before = {p: digest(p) for p in run_dir.iterdir() if p.is_file()}
+    expect_exit_2(capsys, [a.format(tmp=tmp_path, run=run_dir) for a in argv], *words)
+    assert sorted(os.listdir(tmp_path)) == ["file", "junk.pt", "model_best.pth"] and not (tmp_path.parent / "x").exists()
+    assert {p: digest(p) for p in run_dir.iterdir() if p.is_file()} == before
 
 
 def test_train_a_full_disk_is_one_line_and_the_checkpoint_before_it_intact(tmp_path, capsys, monkeypatch):
@@ -1995,14 +2002,6 @@ def test_train_posterv2_checkpoint_on_its_own_numbered_folders_equals_the_rafdb_
     confusion = np.zeros((7, 7), dtype=int)
     np.add.at(confusion, (labels.numpy(), ours), 1)
     assert own["test_confusion"] == confusion.tolist()
-
-
-def test_train_an_optimizer_state_alone_is_named(tmp_path, capsys):
-    """POSTER V2's main.py writes model_best.pth as the optimizer's state only: said so, in one line."""
-    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(3))])
-    torch.save(opt.state_dict(), tmp_path / "model_best.pth")
-    expect_exit_2(capsys, ["--eval-only", str(tmp_path / "model_best.pth")], "only an optimizer's state",
-                  "state_dict")
 
 
 def test_train_predict_in_bulk_skips_what_it_cannot_read_and_writes_a_csv(tiny_run, tmp_path, capsys):
@@ -2123,7 +2122,6 @@ def test_train_only_leaves_every_frozen_tensor_bit_identical(tmp_path, monkeypat
     assert any("running_mean" in n for n in before) and changed and all(n.startswith("head.") for n in changed)
     out = capsys.readouterr().out
     assert "parameters trainable" in out and "not --resume" in out
-    expect_exit_2(capsys, [*TINY_ARGS, "--train-only", "mixr"], "mixr names no parameter", "blocks")
 
 
 def test_train_vrwkv_init_from_a_vision_rwkv_checkpoint(tmp_path, monkeypatch, capsys):
@@ -2193,13 +2191,6 @@ def test_train_plot_one_and_many_runs_one_and_many_epochs_with_and_without_test_
     assert "synthetic faces 32x48, 21/7/14 train/val/test images" in train.read_run(tiny_run["run_dir"])[1]
 
 
-def test_train_plot_out_is_checked_before_any_run_is_read(tmp_path, capsys):
-    for out, words in ((tmp_path / "nowhere" / "p.png", ("--plot-out", "no folder")),
-                       (tmp_path / "p.txt", ("--plot-out", ".png")), (tmp_path / "p", ("--plot-out", ".png"))):
-        expect_exit_2(capsys, ["--plot", str(tmp_path / "not-a-run"), "--plot-out", str(out)], *words)
-    expect_exit_2(capsys, ["--plot", str(tmp_path / "not-a-run"), "--plot-out", str(tmp_path / "p.png")], "not-a-run")
-
-
 def test_train_confusion_picture_beside_the_csv_after_training_and_eval_only(tiny_run, tmp_path):
     """confusion.png is written with confusion.csv at the end of training and by --eval-only; each
     row's cells are coloured by its shares (viridis), so every share's colour is in the picture."""
@@ -2227,6 +2218,5 @@ def test_train_explain_draws_every_layer_over_the_face(tiny_run, tmp_path, capsy
         assert im.format == "PNG" and im.width > 600 and im.height > 250
     assert len(pixels_of(written[0], (276, 74, 516, 234))) > 100  # the layer's panel: face under heat
     assert "explain-face.png" in capsys.readouterr().out
-    expect_exit_2(capsys, ["--explain", str(face)], "--explain needs --ckpt")
     probe = Path(run(tmp_path, "probe", "--epochs", "1", "--mixer", "identity")["run_dir"])
     expect_exit_2(capsys, ["--explain", str(face), "--ckpt", str(probe)], "no token mixer")
