@@ -1681,8 +1681,13 @@ def test_train_second_run_into_a_busy_directory_is_refused_and_the_first_is_inta
     assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["step"] == 6
 
 
-def test_train_new_run_where_another_run_is_refused(tmp_path, capsys):
-    run(tmp_path, "r", "--epochs", "1")
+def copy_of(tiny_run, tmp_path, name="r"):
+    """A copy of the tiny run's folder (a finished run) under tmp_path/name."""
+    return shutil.copytree(tiny_run["run_dir"], tmp_path / name)
+
+
+def test_train_new_run_where_another_run_is_refused(tiny_run, tmp_path, capsys):
+    copy_of(tiny_run, tmp_path)
     (tmp_path / "r" / "last.pt").unlink()
     before = {p.name: digest(p) for p in (tmp_path / "r").iterdir() if p.is_file()}
     expect_exit_2(capsys, [*TINY_ARGS, "--out", str(tmp_path), "--name", "r"], "--resume", "--name", "best.pt")
@@ -1696,8 +1701,8 @@ def test_train_run_that_fails_before_writing_leaves_no_folder(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"] and not any((tmp_path / "mine").iterdir())
 
 
-def test_train_checkpoint_cannot_choose_the_run_mode_or_a_write_path(tmp_path, capsys):
-    run(tmp_path, "r", "--epochs", "1")
+def test_train_checkpoint_cannot_choose_the_run_mode_or_a_write_path(tiny_run, tmp_path, capsys, monkeypatch):
+    copy_of(tiny_run, tmp_path)
     ckpt = torch.load(tmp_path / "r" / "best.pt", weights_only=True)
     victim = tmp_path / "victim.csv"
     victim.write_text("keep me\n")
@@ -1722,11 +1727,7 @@ def test_train_checkpoint_cannot_choose_the_run_mode_or_a_write_path(tmp_path, c
     torch.save(ckpt, tmp_path / "bogus.pt")
     expect_exit_2(capsys, ["--eval-only", str(tmp_path / "bogus.pt")], "bogus")
 
-
-def test_train_eval_only_survives_a_folder_it_cannot_write(tmp_path, monkeypatch, capsys):
-    run(tmp_path, "r", "--epochs", "1")
-
-    def read_only(path, data):
+    def read_only(path, data):  # a folder it cannot write: --eval-only still evaluates, and says --out
         raise PermissionError(13, "Permission denied", str(path))
     monkeypatch.setattr(train, "atomic_write", read_only)
     assert train.main(["--eval-only", str(tmp_path / "r")])["n"] == 14
