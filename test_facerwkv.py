@@ -755,18 +755,14 @@ def fake_torchvision_resnet50(seed=0):
     }
 
 
-def test_model_stem_keys_are_torchvision_keys():
-    model = FaceRWKV(FaceRWKVConfig(**HYBRID))
-    assert set(model.backbone.state_dict()) == {
-        "conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var", "bn1.num_batches_tracked"}
-    assert model.backbone(torch.rand(1, 3, 40, 60)).shape == (1, 64, 10, 15)
-
-
-def test_model_load_backbone_weights(tmp_path):
+def test_model_stem_keys_are_torchvision_keys_and_load_backbone_weights(tmp_path):
     sd = fake_torchvision_resnet50()
     path = tmp_path / "resnet50.pth"
     torch.save(sd, path)
-    model = FaceRWKV(FaceRWKVConfig(**HYBRID))
+    model = FaceRWKV(FaceRWKVConfig(**HYBRID))  # the stem's keys are torchvision's
+    assert set(model.backbone.state_dict()) == {
+        "conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var", "bn1.num_batches_tracked"}
+    assert model.backbone(torch.rand(1, 3, 40, 60)).shape == (1, 64, 10, 15)
     model.load_backbone_weights(path)
     for k, v in model.backbone.state_dict().items():
         assert torch.equal(v, sd[k]), k
@@ -1238,11 +1234,6 @@ def test_vrwkv_q_shift_matches_loop(grids, C):
     assert torch.equal(facerwkv.q_shift(x, grids), q_shift_loop(x, grids))
 
 
-def test_vrwkv_q_shift_grid_mismatch_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"hold 6 tokens but the sequence has 7"):
-        facerwkv.q_shift(torch.zeros(1, 7, 4), [(2, 3)])
-
-
 def test_vrwkv_fancy_init_is_rwkv4s():
     config = FaceRWKVConfig(**dict(VR, n_layer=3, n_embd=8))
     for layer in range(3):
@@ -1292,6 +1283,8 @@ def test_vrwkv_block_segments():
     assert block(torch.randn(2, 7, 8)).shape == (2, 7, 8)
     with pytest.raises(ValueError, match="grids"):
         block(torch.randn(2, 8, 8))
+    with pytest.raises(ValueError, match=r"hold 6 tokens but the sequence has 7"):
+        facerwkv.q_shift(torch.zeros(1, 7, 4), [(2, 3)])
 
 
 # ---- Vision-RWKV's ImageNet checkpoints (-k test_vrwkv_checkpoint) -------------------------------
@@ -1646,12 +1639,17 @@ def test_poster_count_keeps_train_mode_and_counts_small():
 
 # ---- poster: the token mixers --------------------------------------------------------------------
 
-def test_poster_rwkv_mixer_is_the_project_block():
+def test_poster_rwkv_mixer_is_the_project_block_and_the_transformer_poster_v2s():
     model = small()
     assert len(model.mixer.blocks) == 2
     assert all(type(b) is facerwkv.Block for b in model.mixer.blocks)
     assert model.config.pool == "last"  # the default, by measurement (README)
     assert small(depth=3).mixer.blocks[2].att.key.in_features == 128
+    model = small(mixer="transformer")  # POSTER V2's: cls token, position embedding, eps 1e-6, qkv bias
+    assert model.config.pool == "cls"
+    assert model.mixer.pos_embed.shape == (1, 148, 128) and model.mixer.cls_token.shape == (1, 1, 128)
+    assert model.mixer.norm.eps == 1e-6 and model.mixer.blocks[0].norm1.eps == 1e-6
+    assert model.mixer.blocks[0].attn.qkv.bias is not None
 
 
 @pytest.mark.parametrize("pool", ["mean", "last"])
@@ -1681,14 +1679,6 @@ def test_poster_vrwkv_mixer_shifts_within_each_scale():
     assert model.scales[0].downsample.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="no RNN mode"):
         model.forward_rnn(images)
-
-
-def test_poster_transformer_mixer_is_poster_v2s():
-    model = small(mixer="transformer")
-    assert model.config.pool == "cls"
-    assert model.mixer.pos_embed.shape == (1, 148, 128) and model.mixer.cls_token.shape == (1, 1, 128)
-    assert model.mixer.norm.eps == 1e-6 and model.mixer.blocks[0].norm1.eps == 1e-6
-    assert model.mixer.blocks[0].attn.qkv.bias is not None
 
 
 def test_poster_trains_a_step_and_every_part_gets_gradients():
