@@ -285,7 +285,7 @@ def test_data_bad_tree_is_a_clear_error(tmp_path, damage, fmt, match):
     assert str(root / "train" / "Anger") not in str(e.value)
 
 
-def test_data_bad_arguments_are_clear_errors(tmp_path):
+def test_data_bad_arguments_are_clear_errors_and_load_image_reads_a_gif(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_datasets(str(tmp_path / "nope"))
     with pytest.raises(DataError, match="img_size"):
@@ -295,6 +295,8 @@ def test_data_bad_arguments_are_clear_errors(tmp_path):
     with pytest.raises(DataError) as e:
         data.load_image(str(tmp_path / "face.jpg"), SIZE)
     assert str(e.value) == f"no such image file: {tmp_path / 'face.jpg'}"
+    Image.new("P", (30, 20), 3).save(tmp_path / "face.gif")  # what --predict reads: any mode, any size
+    assert data.load_image(str(tmp_path / "face.gif"), (8, 12)).shape == (3, 8, 12)
 
 
 def test_data_non_image_file_named_or_skipped(tmp_path):
@@ -408,15 +410,6 @@ def test_data_transform_resize_range_normalize_and_flip():
     flips = [data.ImageTransform((8, 12), hflip=True)(img) for _ in range(20)]
     assert all(torch.equal(f, x) or torch.equal(f, x.flip(-1)) for f in flips)
     assert any(torch.equal(f, x.flip(-1)) for f in flips) and any(torch.equal(f, x) for f in flips)
-
-
-def test_data_load_image_for_predict(tmp_path):
-    path = str(tmp_path / "face.gif")
-    Image.new("P", (30, 20), 3).save(path)
-    x = data.load_image(path, (8, 12))
-    assert x.shape == (3, 8, 12)
-    with pytest.raises(DataError, match="missing.png"):
-        data.load_image(str(tmp_path / "missing.png"), (8, 12))
 
 
 # ---- data: synthetic faces, and loaders with workers ---------------------------------------------
@@ -656,7 +649,7 @@ def check_affectnet_labels(s):
             assert [round(v * 255) for v in x[:, 0, 0].tolist()] == list(LABEL_COLORS[y]), f"{split} {k}: {s.classes[y]}"
 
 
-def test_data_affectnet_7_classes_mapped_contempt_and_none_dropped_and_counted(tmp_path):
+def test_data_affectnet_7_or_8_classes_mapped_the_rest_dropped_and_counted(tmp_path):
     root = make_affectnet(tmp_path / "an", n=(10, 2))
     assert data.detect_format(root) == "affectnet"
     s = load_datasets(root, img_size=AN_SIZE)
@@ -666,11 +659,7 @@ def test_data_affectnet_7_classes_mapped_contempt_and_none_dropped_and_counted(t
     text = s.summary()
     assert "validation.csv" in text and "dropped" in text and "Contempt 12" in text and "No-Face 12" in text
     check_affectnet_labels(s)
-
-
-def test_data_affectnet_8_classes_add_contempt_last(tmp_path):
-    root = make_affectnet(tmp_path / "an", n=(10, 2))
-    s = load_datasets(root, img_size=AN_SIZE, affectnet_classes=8)
+    s = load_datasets(root, img_size=AN_SIZE, affectnet_classes=8)  # AffectNet-8: Contempt is the last class
     assert s.classes == CLASSES + ("Contempt",)
     assert s.counts() == {"train": [9] * 8, "val": [1] * 8, "test": [2] * 8}
     assert s.info["dropped"] == {"None": 12, "Uncertain": 12, "No-Face": 12}
@@ -778,8 +767,8 @@ def test_data_affectnet_numbered_folders_errors(tmp_path):
 
 # ---- data: the synthetic faces' disk cache and drawing -------------------------------------------
 
-def cached_files(folder):
-    return sorted(f for f in os.listdir(folder) if f.endswith(".npy"))
+def npy_entries(folder):
+    return sorted(p for p in Path(folder).iterdir() if p.name.startswith("synthetic-") and p.suffix == ".npy")
 
 
 def test_data_synthetic_cache_second_run_reads_the_same_pixels(tmp_path, monkeypatch):
@@ -787,7 +776,7 @@ def test_data_synthetic_cache_second_run_reads_the_same_pixels(tmp_path, monkeyp
     monkeypatch.setenv("FACERWKV_CACHE", str(cache))
     kw = dict(img_size=(24, 36), synthetic_size=(3, 1), seed=3, synthetic_processes=2)
     first = load_datasets(None, **kw)
-    assert len(cached_files(cache)) == 2 and first.info["drawn"]["from_cache"] == 0  # train and test
+    assert len(npy_entries(cache)) == 2 and first.info["drawn"]["from_cache"] == 0  # train and test
     fresh = {split: [np.asarray(data.synthetic_face(3, split, i, (24, 36))[0]) for i in range(n * 7)]
              for split, n in (("train", 3), ("test", 1))}
 
@@ -812,18 +801,14 @@ def test_data_synthetic_cache_key_changes_miss(tmp_path, monkeypatch, change, hi
     monkeypatch.setenv("FACERWKV_CACHE", str(tmp_path))
     kw = dict(img_size=(24, 36), synthetic_size=(3, 1), seed=3, synthetic_processes=2)
     load_datasets(None, **kw)
-    assert len(cached_files(tmp_path)) == 2
+    assert len(npy_entries(tmp_path)) == 2
     if change.pop("generator", None):  # the drawing code was edited
         monkeypatch.setattr(data, "SYNTHETIC_VERSION", data.SYNTHETIC_VERSION + 1)
     s = load_datasets(None, **{**kw, **change})
-    assert s.info["drawn"]["from_cache"] == hits and len(cached_files(tmp_path)) == 4 - hits // 7
+    assert s.info["drawn"]["from_cache"] == hits and len(npy_entries(tmp_path)) == 4 - hits // 7
 
 
 # ---- data: the drawn-face cache, AffectNet csv files, the whole-batch transform -----------------
-
-
-def npy_entries(folder):
-    return sorted(p for p in folder.iterdir() if p.name.startswith("synthetic-") and p.suffix == ".npy")
 
 
 @pytest.mark.parametrize("damage", ["zeroed", "emptied", "not an array"])
