@@ -1142,7 +1142,7 @@ def test_model_atomic_write_failed_write_names_the_file_and_keeps_the_old_one(tm
 
 # ---- model: the shared transformer block and the RNN runner ---------------------------------------
 
-def test_model_transformer_block_matches_attention_written_out():
+def test_model_transformer_block_matches_attention_written_out_and_is_the_transformer_mixer():
     torch.manual_seed(0)
     dim, heads, ffn, eps = 12, 3, 20, 1e-6
     block = TransformerBlock(dim, heads, ffn, ln_eps=eps).double()
@@ -1175,14 +1175,10 @@ def test_model_transformer_block_matches_attention_written_out():
     expected = x1 + gelu @ p["mlp.fc2.weight"].T + p["mlp.fc2.bias"]
     with torch.no_grad():
         assert torch.allclose(block(x), expected, atol=1e-12)
-
-
-def test_model_transformer_mixer_uses_the_shared_block():
     model = FaceRWKV(FaceRWKVConfig(n_layer=2, n_embd=32, n_head=4, dim_ffn=48, patch_size=10, img_size=(20, 30),
-                                    mixer="transformer"))
-    assert all(type(b) is TransformerBlock for b in model.blocks)
+                                    mixer="transformer"))  # FaceRWKV's transformer mixer is this block
+    assert all(type(b) is TransformerBlock for b in model.blocks) and "blocks.1.attn.qkv.weight" in model.state_dict()
     assert model.blocks[0].mlp.fc1.out_features == 48 and model.blocks[0].attn.n_head == 4
-    assert "blocks.1.attn.qkv.weight" in model.state_dict()
 
 
 @pytest.mark.parametrize("mixer", ["rwkv", "identity"])
@@ -1204,12 +1200,6 @@ def test_model_run_rnn_equals_the_parallel_blocks(mixer):
     assert (rnn - parallel).abs().max() <= 1e-5 * parallel.abs().max()
 
 
-def test_model_check_raises_value_error():
-    facerwkv.check(True, "fine")
-    with pytest.raises(ValueError, match="^the fix$"):
-        facerwkv.check(False, "the fix")
-
-
 def test_model_load_weights_tolerates_missing_num_batches_tracked_only():
     bn = torch.nn.BatchNorm2d(3)
     sd = {k: torch.full_like(v, 2) for k, v in bn.state_dict().items() if "num_batches" not in k}
@@ -1223,6 +1213,9 @@ def test_model_load_weights_tolerates_missing_num_batches_tracked_only():
     facerwkv.load_weights(model.backbone, stem, "resnet50.pth")
     assert torch.equal(model.backbone.bn1.running_mean, torch.ones(64))
     assert int(model.backbone.bn1.num_batches_tracked) == 7  # absent from the file: left as it was
+    facerwkv.check(True, "fine")  # the one error of bad input: a ValueError that is the fix
+    with pytest.raises(ValueError, match="^the fix$"):
+        facerwkv.check(False, "the fix")
 
 
 # ---- The Vision-RWKV mixer: Q-Shift and the block (-k test_vrwkv) --------------------------------
