@@ -861,10 +861,6 @@ def test_model_config_errors(overrides, message):
 # ---- facerwkv's shared mechanisms: weight files, the cache, the shared blocks (-k test_model) ----
 
 
-requires_cxx = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
-                                  reason="needs a C++ compiler (g++)")
-
-
 class _Payload:
     """A pickle payload whose __reduce__ calls `function(*args)` when unpickled."""
 
