@@ -49,6 +49,7 @@ import tempfile
 import threading
 import types
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1012,15 +1013,17 @@ def evil_library(tmp_path, marker):
 
 @requires_cxx
 def test_model_cache_damaged_or_planted_library_is_rebuilt_never_loaded(tmp_path):
-    """The real wkv.cu library, in fresh processes: built into a 0700 cache with a digest; replaced by
-    an attacker's library under its own name, it is reported in one line and rebuilt, never loaded;
-    planted in a folder others may write to (and in the fallback, the temp folder's facerwkv-<uid>),
-    even with a matching digest, never used: a fresh folder is, removed at exit."""
+    """The real wkv.cu library (built by this process into the session's cache, with a digest), in fresh
+    processes: replaced by an attacker's library under its own name, it is reported in one line and
+    rebuilt, never loaded; planted in a folder others may write to (and in the fallback, the temp
+    folder's facerwkv-<uid>), even with a matching digest, never used: a fresh folder is, removed at exit."""
     cache, marker = tmp_path / "cache", tmp_path / "pwned"
-    assert run_kernel(cache)[0]
+    assert facerwkv.cpu_kernels() is not None
+    cache.mkdir(mode=0o700)
+    for built in Path(os.environ["FACERWKV_CACHE"]).glob("wkv_cpu_*.so*"):
+        shutil.copy(built, cache)
     libraries = sorted(cache.glob("wkv_cpu_*.so"))
     assert libraries and all((cache / (p.name + ".sha256")).exists() for p in libraries)
-    assert cache.stat().st_mode & 0o777 == 0o700
     good, evil = libraries[0].read_bytes(), evil_library(tmp_path, marker)
     for lib in libraries:
         shutil.copy(evil, lib)
@@ -1042,6 +1045,8 @@ def test_model_cache_damaged_or_planted_library_is_rebuilt_never_loaded(tmp_path
 @pytest.mark.parametrize("damage", [lambda b: b[:-1] + b"x", lambda b: b[: len(b) // 3], lambda b: bytes(len(b)), lambda b: b""],
                          ids=["one-byte", "truncated", "zeroed", "emptied"])
 def test_model_cache_entry_digest_checked_on_every_use(tmp_path, monkeypatch, capfd, fresh_cpu_build, damage):
+    """An entry is built once into a cache made 0700 and reused while its digest matches; damaged, it is
+    reported in one line naming it, and rebuilt."""
     monkeypatch.setenv("FACERWKV_CACHE", str(tmp_path / "c"))
     builds = []
 
@@ -1052,6 +1057,7 @@ def test_model_cache_entry_digest_checked_on_every_use(tmp_path, monkeypatch, ca
 
     path = facerwkv.cached("thing.bin", build)
     assert path.read_bytes() == b"entry of twelve bytes" and len(builds) == 1
+    assert (tmp_path / "c").stat().st_mode & 0o777 == 0o700 and (tmp_path / "c" / "thing.bin.sha256").is_file()
     assert facerwkv.cached("thing.bin", build) == path and len(builds) == 1
     path.write_bytes(damage(path.read_bytes()))  # same size with one byte changed, cut, zeroed, empty
     capfd.readouterr()
