@@ -19,15 +19,18 @@ file a test writes goes under pytest's temporary folder (FACERWKV_CACHE included
       the RWKV-4 and Vision-RWKV blocks against their papers' equations, with RWKV-LM's and
       Vision-RWKV's parameter names; RNN mode equals parallel mode; every variant (Vision-RWKV's
       too) trains a step off the reference init; the ResNet50 stem; the config; weight files
-      (a pickle that would run code runs nothing), the digest-checked private cache, the shared
-      transformer block against attention written out, run_rnn
+      (a pickle that would run code runs nothing; every refusal one line, from a table), the
+      digest-checked private cache (the real library damaged or planted; damage kinds on a small
+      entry), the shared transformer block against attention written out, run_rnn
   The Vision-RWKV mixer                  -k test_vrwkv  (every Vision-RWKV case, the model's too: -k vrwkv)
-      Q-Shift against a loop; RWKV-4's init; sees the whole image; several grids; no RNN mode
+      Q-Shift against a loop; RWKV-4's init; sees the whole image; several grids; no RNN mode (nor
+      the transformer's); Vision-RWKV's checkpoints against its forward written out
   The mixers' weights (what train.py --explain draws)                  -k test_explain
       eq. 14's and Bi-WKV's terms over their sum, each mixer's (attention's too) and the pooled
       token's, layer by layer, FaceRWKV's and POSTER's: applied to v, each layer's output
   POSTER V2 and POSTER-RWKV                                            -k test_poster
-      every stage's shape and the published 43.7 M at 224; the token mixers; weight files of
+      every stage's shape at 224 (one POSTER V2, built once: conftest.py) and the published 43.7 M
+      (counted on the meta device); the token mixers; weight files of
       both IR-50 namings and MobileFaceNet's, the frozen landmark branch; the config; the
       cross-attention and the whole forward at order-one weights against POSTER V2 written out;
       POSTER V2's released checkpoint format (7 and 8 classes, class orders, errors name keys)

@@ -11,7 +11,8 @@ under pytest's temporary folders.
       image-by-image one, RNG draws included
   train.py                                                             -k test_train
       the schedule and clipping; runs end to end; the best checkpoint; resume after a kill;
-      evaluation, prediction, plots, the linear probe, clear errors; two processes; the
+      evaluation, prediction, plots, the linear probe; every usage error one line that leaves
+      nothing behind (one table); two processes (one test, two torchrun calls); the
       benchmark; the recipes (SAM by hand, the exp schedule, --recipe poster); POSTER runs;
       one run per directory (a lock, refused reuse), checkpoints that supply only a model,
       every numeric flag's range, a NaN loss stops the run; stopped by a signal and resumed
