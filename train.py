@@ -949,21 +949,26 @@ def ignore_sigint(worker_id):
 
 class Progress:
     """One line updated in place on a terminal; a line every --log-every steps elsewhere. The time
-    left is this run's own rate over every step it took so far (validation included) times the
-    steps left."""
+    left is measured in this run: its time per step so far times the steps left, plus its time per
+    epoch end so far (validation, checkpoints) times the epoch ends left."""
     open_line = False  # a line in place is on the terminal: an error message starts below it
 
     def __init__(self, log_every, enabled, first_step, total_steps):
         self.log_every, self.enabled, self.live = log_every, enabled, enabled and sys.stdout.isatty()
         self.first_step, self.total_steps, self.t_first = first_step, total_steps, time.time()
-        self.t_last, self.images = self.t_first, 0
+        self.t_last, self.images, self.ends, self.end_seconds = self.t_first, 0, 0, 0.0
+
+    def epoch_ended(self, seconds):
+        self.ends, self.end_seconds = self.ends + 1, self.end_seconds + seconds
 
     def update(self, step, epoch, epochs, loss, lr, images, epoch_end):
         self.images += images
         if not self.enabled or not (self.live or step % self.log_every == 0 or epoch_end):
             return
         now = time.time()
-        eta = (now - self.t_first) / (step - self.first_step) * (self.total_steps - step)
+        per_step = (now - self.t_first - self.end_seconds) / (step - self.first_step)
+        per_end = self.end_seconds / self.ends if self.ends else 0.0
+        eta = per_step * (self.total_steps - step) + per_end * (epochs - epoch + 1)
         line = (f"epoch {epoch}/{epochs} step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.2e} "
                 f"{self.images / max(now - self.t_last, 1e-9):.1f} img/s eta {format_seconds(eta)}")
         print("\r" + line + "\033[K" if self.live else line, end="" if self.live else "\n", flush=True)
@@ -1845,7 +1850,9 @@ def train(args, resume=None):
                     Progress.end_line()
                     log(f"stopping after step {run.step} (--stop-after-steps: as if killed, nothing saved)")
                     return {"stopped_at_step": run.step, "run_dir": str(run_dir)}
+                t_end = time.time()
                 end_epoch(run, epoch, t_epoch, stop)
+                progress.epoch_ended(time.time() - t_end)
         return finish(run, t_start, t_train)
 
 
