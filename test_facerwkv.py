@@ -1016,7 +1016,7 @@ def evil_library(tmp_path, marker):
 
 @requires_cxx
 def test_model_cache_damaged_or_planted_library_is_rebuilt_never_loaded(tmp_path):
-    """The real wkv.cu library (built by this process into the session's cache, with a digest), in fresh
+    """The real wkv.cu library (built by this process into this test run's cache, with a digest), in fresh
     processes: replaced by an attacker's library under its own name, it is reported in one line and
     rebuilt, never loaded; planted in a folder others may write to (and in the fallback, the temp
     folder's facerwkv-<uid>), even with a matching digest, never used: a fresh folder is, removed at exit."""
