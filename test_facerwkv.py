@@ -998,11 +998,15 @@ print("kernel ok")
 
 def run_kernel(cache):
     """wkv.cu on the CPU in a fresh process (a library already loaded here would be reused by
-    dlopen) with the cache at `cache`: (ok, stderr)."""
+    dlopen) with the cache at `cache`, started now; calling the result waits for (ok, stderr)."""
     env = dict(os.environ, FACERWKV_CACHE=str(cache), TMPDIR=str(cache.parent))  # the fallback beside it
-    out = subprocess.run([sys.executable, "-c", KERNEL_CHECK], capture_output=True, text=True, env=env,
-                         cwd=os.path.dirname(os.path.abspath(facerwkv.__file__)))
-    return out.returncode == 0 and "kernel ok" in out.stdout, out.stderr
+    proc = subprocess.Popen([sys.executable, "-c", KERNEL_CHECK], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=os.path.dirname(os.path.abspath(facerwkv.__file__)))
+
+    def finish():
+        out, err = proc.communicate(timeout=300)
+        return proc.returncode == 0 and "kernel ok" in out, err
+    return finish
 
 
 def evil_library(tmp_path, marker):
@@ -1030,9 +1034,6 @@ def test_model_cache_damaged_or_planted_library_is_rebuilt_never_loaded(tmp_path
     good, evil = libraries[0].read_bytes(), evil_library(tmp_path, marker)
     for lib in libraries:
         shutil.copy(evil, lib)
-    ok, err = run_kernel(cache)  # loading it would run its constructor
-    assert ok and not marker.exists() and err.count("\n") == len(libraries) and "corrupt" in err
-    assert libraries[0].name in err and libraries[0].read_bytes() == good
     shared, fallback = tmp_path / "shared", tmp_path / f"facerwkv-{os.getuid()}"  # run_kernel: TMPDIR=tmp_path
     for folder in (shared, fallback):
         folder.mkdir()
@@ -1040,8 +1041,13 @@ def test_model_cache_damaged_or_planted_library_is_rebuilt_never_loaded(tmp_path
         for lib in libraries:
             shutil.copy(evil, folder / lib.name)
             (folder / (lib.name + ".sha256")).write_text(facerwkv._sha256(evil))
-    ok, err = run_kernel(shared)
-    assert ok and not marker.exists() and err.count("not yours alone") == 2
+    damaged, planted = run_kernel(cache), run_kernel(shared)  # two processes side by side, each its own build
+    ok, err = damaged()  # loading it would run its constructor
+    assert ok and err.count("\n") == len(libraries) and "corrupt" in err
+    assert libraries[0].name in err and libraries[0].read_bytes() == good
+    ok, err = planted()
+    assert ok and err.count("not yours alone") == 2
+    assert not marker.exists()  # neither process loaded the attacker's library
     assert [p.name for p in tmp_path.glob("facerwkv-*")] == [fallback.name]
 
 
