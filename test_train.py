@@ -2003,15 +2003,6 @@ def test_train_help_shows_every_default_whole_sentences_and_examples(capsys):
 # ---- POSTER V2's checkpoints as they are; --init-from; --train-only --------------------------------
 
 
-@pytest.fixture(scope="module")
-def posterv2_7(poster_v2, tmp_path_factory):
-    """poster_v2 (conftest.py) saved as POSTER V2's main.py saves its RAF-DB checkpoint: (source, path)."""
-    folder = tmp_path_factory.mktemp("posterv2")
-    with pytest.MonkeyPatch.context() as mp:
-        write_posterv2_checkpoint(folder / "posterv2-7.pth", folder, poster_v2.state_dict(), mp)
-    return poster_v2, folder / "posterv2-7.pth"
-
-
 def face_png(tmp_path):
     path = tmp_path / "face.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 50, 3), dtype=np.uint8)).save(path)
