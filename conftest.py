@@ -1,5 +1,5 @@
 """What every test module shares: the kernel build and the drawn faces go to a temporary cache, the
-system temp folder is left as the suite found it, and one POSTER V2 at 224 is built once."""
+system temp folder is left as the suite found it, and one POSTER V2 at 224 is built and saved once."""
 
 import tempfile
 from pathlib import Path
@@ -28,3 +28,14 @@ def poster_v2():
     from test_facerwkv import order_one_
     torch.manual_seed(1)
     return order_one_(PosterRWKV(PosterConfig.preset("poster-v2")), seed=1).eval()
+
+
+@pytest.fixture(scope="session")
+def posterv2_7(poster_v2, tmp_path_factory):
+    """poster_v2 saved as POSTER V2's main.py saves its RAF-DB checkpoint (test_facerwkv.write_posterv2_checkpoint):
+    (source, path); the file both test files read."""
+    from test_facerwkv import write_posterv2_checkpoint
+    folder = tmp_path_factory.mktemp("posterv2")
+    with pytest.MonkeyPatch.context() as mp:
+        write_posterv2_checkpoint(folder / "posterv2-7.pth", folder, poster_v2.state_dict(), mp)
+    return poster_v2, folder / "posterv2-7.pth"

@@ -998,11 +998,15 @@ print("kernel ok")
 
 def run_kernel(cache):
     """wkv.cu on the CPU in a fresh process (a library already loaded here would be reused by
-    dlopen) with the cache at `cache`: (ok, stderr)."""
+    dlopen) with the cache at `cache`, started now; calling the result waits for (ok, stderr)."""
     env = dict(os.environ, FACERWKV_CACHE=str(cache), TMPDIR=str(cache.parent))  # the fallback beside it
-    out = subprocess.run([sys.executable, "-c", KERNEL_CHECK], capture_output=True, text=True, env=env,
-                         cwd=os.path.dirname(os.path.abspath(facerwkv.__file__)))
-    return out.returncode == 0 and "kernel ok" in out.stdout, out.stderr
+    proc = subprocess.Popen([sys.executable, "-c", KERNEL_CHECK], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=os.path.dirname(os.path.abspath(facerwkv.__file__)))
+
+    def finish():
+        out, err = proc.communicate(timeout=300)
+        return proc.returncode == 0 and "kernel ok" in out, err
+    return finish
 
 
 def evil_library(tmp_path, marker):
@@ -1030,9 +1034,6 @@ def test_model_cache_damaged_or_planted_library_is_rebuilt_never_loaded(tmp_path
     good, evil = libraries[0].read_bytes(), evil_library(tmp_path, marker)
     for lib in libraries:
         shutil.copy(evil, lib)
-    ok, err = run_kernel(cache)  # loading it would run its constructor
-    assert ok and not marker.exists() and err.count("\n") == len(libraries) and "corrupt" in err
-    assert libraries[0].name in err and libraries[0].read_bytes() == good
     shared, fallback = tmp_path / "shared", tmp_path / f"facerwkv-{os.getuid()}"  # run_kernel: TMPDIR=tmp_path
     for folder in (shared, fallback):
         folder.mkdir()
@@ -1040,8 +1041,13 @@ def test_model_cache_damaged_or_planted_library_is_rebuilt_never_loaded(tmp_path
         for lib in libraries:
             shutil.copy(evil, folder / lib.name)
             (folder / (lib.name + ".sha256")).write_text(facerwkv._sha256(evil))
-    ok, err = run_kernel(shared)
-    assert ok and not marker.exists() and err.count("not yours alone") == 2
+    damaged, planted = run_kernel(cache), run_kernel(shared)  # two processes side by side, each its own build
+    ok, err = damaged()  # loading it would run its constructor
+    assert ok and err.count("\n") == len(libraries) and "corrupt" in err
+    assert libraries[0].name in err and libraries[0].read_bytes() == good
+    ok, err = planted()
+    assert ok and err.count("not yours alone") == 2
+    assert not marker.exists()  # neither process loaded the attacker's library
     assert [p.name for p in tmp_path.glob("facerwkv-*")] == [fallback.name]
 
 
@@ -2055,11 +2061,11 @@ def write_posterv2_checkpoint(path, tmp_path, state, monkeypatch, edit=None):
     return len(posterv2_extras(state["head.weight"].shape[0]))
 
 
-def test_poster_v2_stage_shapes_at_224_and_its_checkpoint_read_with_identical_logits(tmp_path, monkeypatch, poster_v2):
+def test_poster_v2_stage_shapes_at_224_and_its_checkpoint_read_with_identical_logits(posterv2_7):
     """Every stage's shape at 224; a checkpoint as POSTER V2's main.py saves it (which torch.load with
     weights_only refuses) read into a fresh poster-v2 gives the source's logits exactly."""
-    path, seen = tmp_path / "rafdb-posterv2.pth", {}
-    n_extra = write_posterv2_checkpoint(path, tmp_path, poster_v2.state_dict(), monkeypatch)
+    (poster_v2, path), seen = posterv2_7, {}
+    n_extra = len(posterv2_extras(7))  # what write_posterv2_checkpoint added besides the state dict
     with pytest.raises(Exception):  # what POSTER V2's own torch.load (weights_only) says of it
         torch.load(path, weights_only=True)
     n_classes, sd, skipped = posterv2_state_dict(path)

@@ -1187,12 +1187,18 @@ def expect_exit_2(capsys, argv, *words):
 
 
 def torchrun(*argv, nproc=2):
+    """Starts train.py under torchrun and returns at once; calling the result waits for the run's stdout
+    (two runs started one after the other share the wait: most of a launch is importing torch)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(HERE / "train.py"), *TINY_ARGS, *argv]
-    done = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+    proc = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def finish():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:] + err[-3000:]
+        return out
+    return finish
 
 
 @pytest.fixture(scope="module")
@@ -1359,7 +1365,9 @@ def test_train_two_processes_count_every_test_image_once_and_checkpoint_every_ra
     """Two processes: each test image is counted once (the one-process evaluation of the same best.pt
     agrees) and best.pt has no 'module.' prefix; a mid-epoch last.pt holds the global batch's sums and
     both ranks' RNG states, and resumes in one process to the end of the run."""
-    out = torchrun("--epochs", "1", "--out", str(tmp_path), "--name", "ddp")
+    whole = torchrun("--epochs", "1", "--out", str(tmp_path), "--name", "ddp")
+    mid = torchrun("--epochs", "2", "--save-every-steps", "1", "--stop-after-steps", "2", "--out", str(tmp_path), "--name", "mid")
+    out = whole()
     assert re.search(r"processes 2 on cpu \(\d+ threads\), 4 images per process per step", out), out
     run_dir = tmp_path / "ddp"
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -1367,7 +1375,7 @@ def test_train_two_processes_count_every_test_image_once_and_checkpoint_every_ra
     assert not any(k.startswith("module.") for k in torch.load(run_dir / "best.pt", weights_only=True)["model"])
     single = train.main(["--eval-only", str(run_dir / "best.pt")])
     assert single["test_acc"] == summary["test_acc"] and single["test_confusion"] == summary["test_confusion"]
-    torchrun("--epochs", "2", "--save-every-steps", "1", "--stop-after-steps", "2", "--out", str(tmp_path), "--name", "mid")
+    mid()
     ckpt = torch.load(tmp_path / "mid" / "last.pt", weights_only=True)
     assert ckpt["step"] == 1 and ckpt["train_sums"][2] == 8  # the global batch, not rank 0's 4 images
     assert isinstance(ckpt["rng"], list) and len(ckpt["rng"]) == 2
@@ -1993,15 +2001,6 @@ def test_train_help_shows_every_default_whole_sentences_and_examples(capsys):
 
 
 # ---- POSTER V2's checkpoints as they are; --init-from; --train-only --------------------------------
-
-
-@pytest.fixture(scope="module")
-def posterv2_7(poster_v2, tmp_path_factory):
-    """poster_v2 (conftest.py) saved as POSTER V2's main.py saves its RAF-DB checkpoint: (source, path)."""
-    folder = tmp_path_factory.mktemp("posterv2")
-    with pytest.MonkeyPatch.context() as mp:
-        write_posterv2_checkpoint(folder / "posterv2-7.pth", folder, poster_v2.state_dict(), mp)
-    return poster_v2, folder / "posterv2-7.pth"
 
 
 def face_png(tmp_path):
