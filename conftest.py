@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True, scope="package")
 def private_cache(tmp_path_factory):
     """FACERWKV_CACHE points into pytest's temporary folder, not ~/.cache; after the suite, the
     facerwkv-* entries of the system temp folder (the cache's fallback) are those it had before."""
@@ -19,7 +19,7 @@ def private_cache(tmp_path_factory):
     assert not changed, f"the suite changed {len(changed)} facerwkv-* entries of {tempfile.gettempdir()}: {changed[:3]}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def poster_v2():
     """POSTER V2 at 224 (43.6 M parameters), every tensor at order one (test_facerwkv.order_one_), in eval
     mode: the source of the 224 shapes, the checkpoint files and the predictions both test files check."""
@@ -30,7 +30,7 @@ def poster_v2():
     return order_one_(PosterRWKV(PosterConfig.preset("poster-v2")), seed=1).eval()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def posterv2_7(poster_v2, tmp_path_factory):
     """poster_v2 saved as POSTER V2's main.py saves its RAF-DB checkpoint (test_facerwkv.write_posterv2_checkpoint):
     (source, path); the file both test files read."""
